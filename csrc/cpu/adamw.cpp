@@ -1,0 +1,86 @@
+// fusedopt::adamw_ on CPU: one parallel pass over every tensor of a param group.
+#include <torch/library.h>
+
+#include "cpu/multi_tensor_cpu.h"
+#include "fusedopt/op_args.h"
+
+namespace fusedopt {
+namespace cpu {
+namespace {
+
+template <typename P, typename S>
+void adamw_typed(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params, double lr,
+                 double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                 const GradTransform<at::opmath_type<P>>& transform) {
+  using T = at::opmath_type<P>;
+  const bool master = !master_params.empty();
+  for_each_chunk(params, [&](int64_t i, int64_t begin, int64_t end) {
+    const auto s = make_adamw_scalars<T>(lr, beta1, beta2, eps, weight_decay, *steps[i].data_ptr<int64_t>(),
+                                         amsgrad);
+    S* m = exp_avgs[i].data_ptr<S>();
+    S* v = exp_avg_sqs[i].data_ptr<S>();
+    S* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<S>() : nullptr;
+    auto body = [&](int64_t j, T& p, T g) {
+      T mj = static_cast<T>(m[j]);
+      T vj = static_cast<T>(v[j]);
+      T vmaxj = amsgrad ? static_cast<T>(vmax[j]) : T(0);
+      adamw_update(p, g, mj, vj, vmaxj, s);
+      m[j] = static_cast<S>(mj);
+      v[j] = static_cast<S>(vj);
+      if (amsgrad) vmax[j] = static_cast<S>(vmaxj);
+    };
+    P* param = params[i].data_ptr<P>();
+    const P* grad = grads[i].data_ptr<P>();
+    if (master) {
+      update_range<true, T>(param, master_params[i].data_ptr<S>(), grad, begin, end, transform, body);
+    } else {
+      update_range<false, T>(param, static_cast<S*>(nullptr), grad, begin, end, transform, body);
+    }
+  });
+}
+
+void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params, double lr, double beta1,
+               double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+               const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
+               const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
+               const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+  constexpr const char* op = "fusedopt::adamw_";
+  check_params(op, params);
+  if (params.empty()) return;
+  const auto sdtype = state_dtype(params, master_params);
+  check_list(op, "grads", params, grads, true, params[0].scalar_type());
+  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
+  check_list(op, "exp_avg_sqs", params, exp_avg_sqs, true, sdtype);
+  check_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, amsgrad, sdtype);
+  check_list(op, "master_params", params, master_params, false, at::kFloat);
+  TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(), " tensors but params has ",
+              params.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kLong && steps[i].device().is_cpu(),
+                op, ": steps[", i, "] must be a one-element int64 tensor on the params' device");
+  }
+  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+
+  const int64_t* step = optional_ptr<int64_t>(schedule_step);
+  const double lr_now = read_table(table_view(lr_table, lr), step);
+  const double beta1_now = read_table(table_view(beta1_table, beta1), step);
+
+  dispatch_param_state(params[0].scalar_type(), !master_params.empty(), [&](auto p_tag, auto s_tag) {
+    using P = typename decltype(p_tag)::type;
+    using S = typename decltype(s_tag)::type;
+    GradTransform<at::opmath_type<P>> transform;
+    if (!read_grad_transform(grad_scale, found_inf, clip_coef, maximize, &transform)) return;
+    for (const auto& s : steps) *s.data_ptr<int64_t>() += 1;
+    adamw_typed<P, S>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr_now,
+                      beta1_now, beta2, eps, weight_decay, amsgrad, transform);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { m.impl("adamw_", &adamw_cpu); }
+
+}  // namespace cpu
+}  // namespace fusedopt

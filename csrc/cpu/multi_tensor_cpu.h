@@ -1,0 +1,102 @@
+// The CPU counterpart of multi-tensor apply: every tensor of a list is cut into chunks, the chunks of all
+// tensors form one flat work list, and at::parallel_for spreads that list over the intra-op threads. One op
+// call thus updates a whole param group with one parallel region, however many tensors it holds.
+//
+// The inner loops are plain loops over the shared rules in fusedopt/rules.h. They are branch-free in the
+// element index (loop-invariant choices are template parameters), so the compiler vectorizes them.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "fusedopt/rules.h"
+
+namespace fusedopt {
+namespace cpu {
+
+// 32 Ki elements per work item: 128 KiB per float32 stream, so the 4-7 streams of one item stay inside
+// a core's L2 while a work item is still long enough to amortize the per-item setup.
+constexpr int64_t kChunkElements = int64_t{1} << 15;
+
+struct WorkItem {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+inline std::vector<WorkItem> plan_work(at::TensorList params) {
+  std::vector<WorkItem> items;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    for (int64_t begin = 0; begin < n; begin += kChunkElements) {
+      items.push_back({static_cast<int64_t>(i), begin, std::min(n, begin + kChunkElements)});
+    }
+  }
+  return items;
+}
+
+// fn(tensor_index, begin, end) runs once per work item, possibly on several threads at once.
+template <typename Fn>
+void for_each_chunk(at::TensorList params, const Fn& fn) {
+  const std::vector<WorkItem> items = plan_work(params);
+  if (items.empty()) return;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) fn(items[k].tensor, items[k].begin, items[k].end);
+  });
+}
+
+// Reads the parameter (from its float32 master copy when there is one), hands it with the transformed
+// gradient to `update(j, p, g)`, then writes it back (to the master and, rounded, to the param).
+template <bool kMaster, typename T, typename P, typename S, typename Update>
+inline void update_range(P* param, S* master, const P* grad, int64_t begin, int64_t end,
+                         const GradTransform<T>& transform, const Update& update) {
+  for (int64_t j = begin; j < end; ++j) {
+    T p = kMaster ? static_cast<T>(master[j]) : static_cast<T>(param[j]);
+    const T g = transform_grad(static_cast<T>(grad[j]), transform);
+    update(j, p, g);
+    if (kMaster) master[j] = static_cast<S>(p);
+    param[j] = static_cast<P>(p);
+  }
+}
+
+// Reads the AMP / clipping control tensors once per op call. Returns false when found_inf says to skip.
+template <typename T>
+inline bool read_grad_transform(const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf,
+                                const std::optional<at::Tensor>& clip_coef, bool maximize,
+                                GradTransform<T>* out) {
+  if (found_inf.has_value() && *found_inf->data_ptr<float>() != 0.0f) return false;
+  out->maximize = maximize;
+  // GradScaler.unscale_ multiplies by the float32 reciprocal of the scale, computed in double.
+  out->inv_scale = grad_scale.has_value()
+                       ? static_cast<T>(static_cast<float>(1.0 / static_cast<double>(*grad_scale->data_ptr<float>())))
+                       : T(1);
+  out->clip_coef = clip_coef.has_value() ? static_cast<T>(*clip_coef->data_ptr<float>()) : T(1);
+  return true;
+}
+
+template <typename X>
+struct TypeTag {
+  using type = X;
+};
+
+// Calls fn(TypeTag<param_t>{}, TypeTag<state_t>{}) for the params' dtype; states (and master params) are
+// float32 in master-weight mode, else the params' dtype. The one dtype switch of the CPU backend.
+template <typename Fn>
+void dispatch_param_state(at::ScalarType param_dtype, bool master, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedopt_cpu", [&] {
+    if (master) {
+      fn(TypeTag<scalar_t>{}, TypeTag<float>{});
+    } else {
+      fn(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace fusedopt

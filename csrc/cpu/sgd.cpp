@@ -1,0 +1,69 @@
+// fusedopt::sgd_ on CPU: one parallel pass over every tensor of a param group.
+#include <torch/library.h>
+
+#include "cpu/multi_tensor_cpu.h"
+#include "fusedopt/op_args.h"
+
+namespace fusedopt {
+namespace cpu {
+namespace {
+
+template <typename P, typename S>
+void sgd_typed(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList master_params,
+               const SGDScalars<at::opmath_type<P>>& s, const GradTransform<at::opmath_type<P>>& transform) {
+  using T = at::opmath_type<P>;
+  const bool master = !master_params.empty();
+  for_each_chunk(params, [&](int64_t i, int64_t begin, int64_t end) {
+    S* buf = s.use_momentum ? momentum_buffers[i].data_ptr<S>() : nullptr;
+    auto body = [&](int64_t j, T& p, T g) {
+      T bufj = (s.use_momentum && !s.first_step) ? static_cast<T>(buf[j]) : T(0);
+      sgd_update(p, g, bufj, s);
+      if (s.use_momentum) buf[j] = static_cast<S>(bufj);
+    };
+    P* param = params[i].data_ptr<P>();
+    const P* grad = grads[i].data_ptr<P>();
+    if (master) {
+      update_range<true, T>(param, master_params[i].data_ptr<S>(), grad, begin, end, transform, body);
+    } else {
+      update_range<false, T>(param, static_cast<S*>(nullptr), grad, begin, end, transform, body);
+    }
+  });
+}
+
+void sgd_cpu(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList master_params,
+             double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+             bool first_step, const OptionalTensor& lr_table, const OptionalTensor& momentum_table,
+             const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
+             const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+  constexpr const char* op = "fusedopt::sgd_";
+  check_params(op, params);
+  if (params.empty()) return;
+  const auto sdtype = state_dtype(params, master_params);
+  check_list(op, "grads", params, grads, true, params[0].scalar_type());
+  check_list(op, "momentum_buffers", params, momentum_buffers, false, sdtype);
+  check_list(op, "master_params", params, master_params, false, at::kFloat);
+  check_controls(op, params, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef);
+
+  const int64_t* step = optional_ptr<int64_t>(schedule_step);
+  const double lr_now = read_table(table_view(lr_table, lr), step);
+  const double momentum_now = read_table(table_view(momentum_table, momentum), step);
+  const bool use_momentum = !momentum_buffers.empty();
+
+  dispatch_param_state(params[0].scalar_type(), !master_params.empty(), [&](auto p_tag, auto s_tag) {
+    using P = typename decltype(p_tag)::type;
+    using S = typename decltype(s_tag)::type;
+    using T = at::opmath_type<P>;
+    GradTransform<T> transform;
+    if (!read_grad_transform(grad_scale, found_inf, clip_coef, maximize, &transform)) return;
+    const auto s = make_sgd_scalars<T>(lr_now, momentum_now, dampening, weight_decay, use_momentum,
+                                       first_step, nesterov);
+    sgd_typed<P, S>(params, grads, momentum_buffers, master_params, s, transform);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { m.impl("sgd_", &sgd_cpu); }
+
+}  // namespace cpu
+}  // namespace fusedopt

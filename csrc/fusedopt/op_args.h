@@ -1,0 +1,115 @@
+// Host-side argument checks and extraction shared by the CPU and CUDA implementations of the ops in
+// csrc/ops.cpp. The Python optimizers validate user input with friendlier messages before calling an op;
+// these checks protect direct calls of torch.ops.fusedopt.* and keep the kernels' assumptions explicit.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <vector>
+
+#include "fusedopt/schedule.h"
+
+namespace fusedopt {
+
+using at::Tensor;
+using at::TensorList;
+using OptionalTensor = std::optional<Tensor>;
+
+// Every tensor the kernels walk must be dense with the param's strides, so one flat index addresses the
+// same element of param, grad and states.
+inline void check_same_layout(const char* op, const char* list_name, const Tensor& param, const Tensor& t,
+                              size_t i) {
+  TORCH_CHECK(t.device() == param.device(), op, ": ", list_name, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", param.device());
+  TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list_name, "[", i, "] has shape ", t.sizes(),
+              " but params[", i, "] has shape ", param.sizes());
+  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides(), op, ": ", list_name, "[", i,
+              "] has strides ", t.strides(), " but params[", i, "] has strides ", param.strides());
+}
+
+// Checks one tensor list against the params. `expect` may be empty (feature off) unless `required`.
+inline void check_list(const char* op, const char* list_name, TensorList params, TensorList list,
+                       bool required, std::optional<at::ScalarType> dtype) {
+  if (list.empty() && !required) return;
+  TORCH_CHECK(list.size() == params.size(), op, ": ", list_name, " has ", list.size(),
+              " tensors but params has ", params.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    check_same_layout(op, list_name, params[i], list[i], i);
+    if (dtype.has_value()) {
+      TORCH_CHECK(list[i].scalar_type() == *dtype, op, ": ", list_name, "[", i, "] has dtype ",
+                  list[i].scalar_type(), ", expected ", *dtype);
+    }
+  }
+}
+
+inline void check_params(const char* op, TensorList params) {
+  if (params.empty()) return;
+  const auto dtype = params[0].scalar_type();
+  const auto device = params[0].device();
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": params must be floating point, got ", dtype);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == dtype, op, ": params[", i, "] has dtype ", params[i].scalar_type(),
+                " but params[0] has ", dtype, " (call once per dtype)");
+    TORCH_CHECK(params[i].device() == device, op, ": params[", i, "] is on ", params[i].device(),
+                " but params[0] is on ", device, " (call once per device)");
+    TORCH_CHECK(params[i].is_non_overlapping_and_dense(), op, ": params[", i,
+                "] is not dense (a strided view); update a contiguous copy instead");
+  }
+}
+
+// The dtype states and master params must have: float32 in master-weight mode, else the params' dtype.
+inline at::ScalarType state_dtype(TensorList params, TensorList master_params) {
+  if (!master_params.empty()) return at::kFloat;
+  return params.empty() ? at::kFloat : params[0].scalar_type();
+}
+
+// A scalar control tensor (grad_scale, found_inf, clip_coef, schedule_step) on the params' device.
+inline void check_scalar_tensor(const char* op, const char* name, const OptionalTensor& t,
+                                const at::Device& device, std::optional<at::ScalarType> dtype) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have exactly one element, got ", t->numel());
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but params are on ", device);
+  if (dtype.has_value()) {
+    TORCH_CHECK(t->scalar_type() == *dtype, op, ": ", name, " must be ", *dtype, ", got ", t->scalar_type());
+  }
+}
+
+inline void check_table(const char* op, const char* name, const OptionalTensor& t, const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->numel() > 0, op, ": ", name, " must be a non-empty 1-D tensor, got shape ",
+              t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but params are on ", device);
+  TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// The checks common to all three update ops: the control tensors and the schedule tables.
+inline void check_controls(const char* op, TensorList params, const OptionalTensor& lr_table,
+                           const OptionalTensor& momentum_table, const OptionalTensor& schedule_step,
+                           const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                           const OptionalTensor& clip_coef) {
+  if (params.empty()) return;
+  const auto device = params[0].device();
+  check_table(op, "lr_table", lr_table, device);
+  check_table(op, "momentum table", momentum_table, device);
+  TORCH_CHECK(!(lr_table.has_value() || momentum_table.has_value()) || schedule_step.has_value(), op,
+              ": a schedule table needs schedule_step");
+  check_scalar_tensor(op, "schedule_step", schedule_step, device, at::kLong);
+  check_scalar_tensor(op, "grad_scale", grad_scale, device, at::kFloat);
+  check_scalar_tensor(op, "found_inf", found_inf, device, at::kFloat);
+  check_scalar_tensor(op, "clip_coef", clip_coef, device, at::kFloat);
+}
+
+template <typename T>
+inline const T* optional_ptr(const OptionalTensor& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+inline TableView table_view(const OptionalTensor& table, double fallback) {
+  if (!table.has_value()) return TableView{nullptr, 0, fallback};
+  return TableView{table->data_ptr<double>(), table->numel(), fallback};
+}
+
+}  // namespace fusedopt

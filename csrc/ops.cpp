@@ -1,0 +1,43 @@
+// The one list of fusedopt's operator schemas. Backends register implementations for these in
+// csrc/cpu (CPU dispatch key) and csrc/cuda (CUDA dispatch key); fake implementations for tracing live in
+// fusedopt/_ops.py. Every op updates whole lists of tensors (one param group, one dtype) in one call.
+//
+// Shared arguments of the three update ops:
+//   lr, beta1/momentum      the group's hyperparameters, used when no table is given (schedule=None)
+//   lr_table, *_table       float64 per-step tables on the params' device (absolute values); read at
+//                           *schedule_step (completed steps), the last entry holding past the end
+//   grad_scale              AMP loss scale (float32, 1 element): grads are multiplied by 1/grad_scale
+//   found_inf               float32, 1 element: when nonzero the whole call is a no-op (params, states and
+//                           step counts unchanged), which is how GradScaler skips a step
+//   clip_coef               float32, 1 element: grads are multiplied by it (global-norm clipping)
+//   master_params           empty, or float32 copies of bf16/fp16 params that the update is applied to;
+//                           the params then receive the rounded result
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An importable module with no Python functions: the ops are reached through torch.ops.fusedopt, so the
+// extension needs only the limited Python API and one wheel serves every CPython >= 3.9.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusedopt, m) {
+  m.def(
+      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? lr_table, "
+      "Tensor? beta1_table, Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? clip_coef) -> ()");
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool first_step, Tensor? lr_table, Tensor? momentum_table, Tensor? schedule_step, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] master_params, "
+      "float lr, float beta1, float beta2, float weight_decay, Tensor? lr_table, Tensor? beta1_table, "
+      "Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+}

@@ -1,0 +1,13 @@
+"""fusedopt: fused AdamW, SGD (Nesterov) and Lion for PyTorch, with schedule tables read on the device.
+
+    opt = fusedopt.FusedAdamW(model.parameters(), lr=3e-4, schedule=fusedopt.schedules.warmup_cosine(10_000, 500))
+"""
+
+__version__ = "0.1.0"
+
+from fusedopt import _ops  # noqa: F401  (loads the compiled ops and their fake implementations)
+from fusedopt import schedules
+from fusedopt.backends import BackendUnavailable
+from fusedopt.optim import FusedAdamW, FusedLion, FusedSGD
+
+__all__ = ["FusedAdamW", "FusedSGD", "FusedLion", "schedules", "BackendUnavailable", "__version__"]

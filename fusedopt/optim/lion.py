@@ -1,0 +1,59 @@
+"""FusedLion: lion-pytorch's Lion in one kernel per param group."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from fusedopt.optim._base import FusedOptimizer, check_betas, check_number
+from fusedopt.schedules import ScheduleTable
+
+
+class FusedLion(FusedOptimizer):
+    """Lion (Chen et al., 2023) with the update of lion-pytorch's ``Lion``:
+    ``p *= 1 - lr*wd``; ``p -= lr * sign(beta1*m + (1-beta1)*g)``; ``m = beta2*m + (1-beta2)*g``
+    (``sign(0) == 0``). With ``decoupled_weight_decay`` the weight decay is divided by the initial lr, as
+    lion-pytorch does, so that ``lr*wd`` stays fixed when the lr is scheduled. State key ``exp_avg``.
+    See :class:`fusedopt.FusedAdamW` for ``schedule``, ``backend``, ``max_grad_norm`` and ``master_weights``.
+    """
+
+    rule = "lion"
+    state_keys = ("exp_avg",)
+    momentum_slot = ("betas", 0)
+
+    def __init__(self, params, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
+                 schedule: Optional[ScheduleTable] = None, backend: str = "auto",
+                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
+        if not isinstance(decoupled_weight_decay, bool):
+            raise ValueError(f"decoupled_weight_decay must be a bool, got {decoupled_weight_decay!r}")
+        check_number("learning rate", lr, minimum=0.0)
+        if decoupled_weight_decay and lr == 0:
+            raise ValueError("Invalid learning rate: 0.0 (decoupled_weight_decay divides weight_decay by it)")
+        self.decoupled_weight_decay = decoupled_weight_decay
+        self.initial_lr = float(lr)  # lion-pytorch's _init_lr
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, weight_decay=weight_decay)
+        super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
+                         norm_type=norm_type, master_weights=master_weights)
+
+    def _check_group(self, group: dict) -> None:
+        check_number("learning rate", group["lr"], minimum=0.0, allow_tensor=True)
+        check_betas(group["betas"])
+        check_number("weight_decay value", group["weight_decay"], minimum=0.0)
+
+    def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+
+    def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
+                      found_inf, clip_coef) -> None:
+        states = batch.states
+        weight_decay = float(group["weight_decay"])
+        if self.decoupled_weight_decay:
+            weight_decay /= self.initial_lr
+        beta1, beta2 = group["betas"]
+        backend.lion_(
+            batch.params, batch.grads, [s["exp_avg"] for s in states],
+            [s["master_param"] for s in states if "master_param" in s],
+            lr, float(beta1), float(beta2), weight_decay, lr_table, momentum_table, schedule_step, grad_scale,
+            found_inf, clip_coef)

@@ -1,0 +1,69 @@
+"""FusedSGD: torch.optim.SGD (momentum, dampening, Nesterov) in one kernel per param group."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fusedopt.optim._base import FusedOptimizer, check_number
+from fusedopt.schedules import ScheduleTable
+
+
+class FusedSGD(FusedOptimizer):
+    """SGD with the semantics of ``torch.optim.SGD``: the momentum buffer is created on a param's first step
+    as a copy of its (weight-decayed) gradient, without dampening; Nesterov needs momentum > 0 and zero
+    dampening. With a schedule, its momentum values (if any) replace ``momentum``.
+    See :class:`fusedopt.FusedAdamW` for ``schedule``, ``backend``, ``max_grad_norm`` and ``master_weights``.
+    """
+
+    rule = "sgd"
+    state_keys = ("momentum_buffer",)
+    momentum_slot = ("momentum",)
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False, *,
+                 schedule: Optional[ScheduleTable] = None, backend: str = "auto",
+                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        self._schedule_has_momentum = schedule is not None and getattr(schedule, "momentum", None) is not None
+        super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
+                         norm_type=norm_type, master_weights=master_weights)
+
+    def _check_group(self, group: dict) -> None:
+        check_number("learning rate", group["lr"], minimum=0.0, allow_tensor=True)
+        check_number("momentum value", group["momentum"], minimum=0.0)
+        check_number("dampening value", group["dampening"])
+        check_number("weight_decay value", group["weight_decay"], minimum=0.0)
+        for flag in ("nesterov", "maximize"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"{flag} must be a bool, got {group[flag]!r}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"Nesterov momentum requires a momentum and zero dampening (got momentum="
+                             f"{group['momentum']}, dampening={group['dampening']})")
+
+    def _uses_momentum(self, group: dict) -> bool:
+        return group["momentum"] != 0 or self._schedule_has_momentum
+
+    def _is_first_step(self, p, group, state) -> bool:
+        return self._uses_momentum(group) and (not state or state.get("momentum_buffer") is None)
+
+    def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        pass  # the momentum buffer is created in _call_backend, on the param's first step with momentum
+
+    def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
+                      found_inf, clip_coef) -> None:
+        states = batch.states
+        use_momentum = self._uses_momentum(group)
+        if use_momentum and batch.first_step:
+            for s, p in zip(states, batch.params):
+                # zeros, not empty: if GradScaler skips this step the buffer must not hold garbage
+                s["momentum_buffer"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+                                                        memory_format=torch.preserve_format)
+        backend.sgd_(
+            batch.params, batch.grads, [s["momentum_buffer"] for s in states] if use_momentum else [],
+            [s["master_param"] for s in states if "master_param" in s],
+            lr, float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
+            group["nesterov"], group["maximize"], batch.first_step, lr_table, momentum_table, schedule_step,
+            grad_scale, found_inf, clip_coef)

@@ -1,0 +1,178 @@
+"""Build fusedopt's compiled backends.
+
+Two extension modules:
+  fusedopt._C      the op schemas (csrc/ops.cpp) and the CPU kernels (csrc/cpu). Always built.
+  fusedopt._cuda   the CUDA kernels (csrc/cuda). Built when torch has CUDA and a CUDA toolkit is found.
+
+Both use only the limited Python API (no pybind11: the ops are reached through torch.ops.fusedopt), so a
+wheel is tagged cp39-abi3 and is tied to the torch (and CUDA) version it was built with, not to CPython.
+
+Environment switches:
+  FUSEDOPT_SKIP_CUDA=1         build the CPU backend only
+  FUSEDOPT_FORCE_CUDA=1        fail instead of skipping when the CUDA backend cannot be built
+  FUSEDOPT_CUDA_ARCH_LIST      e.g. "8.0;9.0+PTX" (default "8.0;8.6;8.9;9.0+PTX")
+  FUSEDOPT_NO_LIMITED_API=1    build version-specific (cpXY) modules instead of abi3
+  MAX_JOBS                     parallel compile jobs (ninja)
+  CUDA_HOME                    the CUDA toolkit to use (else the toolkit behind `nvcc`, else /usr/local/cuda*)
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+LIMITED_API = os.environ.get("FUSEDOPT_NO_LIMITED_API", "0") != "1"
+
+
+def log(msg):
+    print(f"[fusedopt build] {msg}", flush=True)
+
+
+def toolkit_behind_nvcc(nvcc):
+    """The toolkit root of an nvcc, even when `nvcc` is a wrapper script: ask nvcc itself (--dryrun)."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+def find_cuda_toolkit():
+    """CUDA_HOME, else the real toolkit behind `nvcc` on PATH, else the newest /usr/local/cuda*."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(("CUDA_HOME", os.environ["CUDA_HOME"]))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        top = toolkit_behind_nvcc(nvcc)
+        if top:
+            candidates.append((f"nvcc on PATH ({nvcc})", top))
+    for path in sorted(glob.glob("/usr/local/cuda*"), reverse=True):
+        candidates.append(("/usr/local", path))
+    for source, path in candidates:
+        if os.path.isfile(os.path.join(path, "bin", "nvcc")):
+            return path, source
+    return None, None
+
+
+def cuda_arch_flags(arch_list):
+    flags = []
+    entries = [a.strip() for a in re.split(r"[;, ]+", arch_list) if a.strip()]
+    if not entries:
+        raise SystemExit("FUSEDOPT_CUDA_ARCH_LIST is empty")
+    for entry in entries:
+        ptx = entry.endswith("+PTX")
+        number = entry.replace("+PTX", "").replace("sm_", "").replace(".", "")
+        if not number.isdigit():
+            raise SystemExit(f"FUSEDOPT_CUDA_ARCH_LIST: cannot read architecture {entry!r} (use e.g. 8.0 or 9.0+PTX)")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def wheel_headers():
+    """Headers the toolkit may lack (cusparse.h, cublas_v2.h, ...) come with torch's nvidia-* wheels."""
+    dirs = []
+    for site in sys.path:
+        dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+def decide_cuda():
+    """Returns (toolkit path or None, reason). Never looks at torch.cuda.is_available(): building without a
+    GPU is normal."""
+    force = os.environ.get("FUSEDOPT_FORCE_CUDA", "0") == "1"
+
+    def skip(reason):
+        if force:
+            raise SystemExit(f"FUSEDOPT_FORCE_CUDA=1 but the CUDA backend cannot be built: {reason}")
+        return None, reason
+
+    if os.environ.get("FUSEDOPT_SKIP_CUDA", "0") == "1":
+        return skip("FUSEDOPT_SKIP_CUDA=1")
+    import torch
+
+    if torch.version.cuda is None:
+        return skip(f"torch {torch.__version__} is a CPU-only build")
+    toolkit, source = find_cuda_toolkit()
+    if toolkit is None:
+        return skip("no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)")
+    log(f"CUDA toolkit: {toolkit} (from {source}); torch built with CUDA {torch.version.cuda}")
+    return toolkit, "ok"
+
+
+def extensions():
+    from torch.utils import cpp_extension  # noqa: F401  (imported after CUDA_HOME is settled)
+
+    common_defines = []  # torch adds -DPy_LIMITED_API itself when py_limited_api=True
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    exts = [
+        cpp_extension.CppExtension(
+            "fusedopt._C",
+            sources=sorted(["csrc/ops.cpp"] + glob.glob("csrc/cpu/*.cpp")),
+            include_dirs=include_dirs,
+            define_macros=common_defines,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=LIMITED_API,
+        )
+    ]
+    built = ["cpu"]
+    toolkit, reason = decide_cuda()
+    if toolkit is not None:
+        arch_list = os.environ.get("FUSEDOPT_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags(arch_list)
+        log(f"CUDA architectures: {arch_list}")
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "fusedopt._cuda",
+                sources=sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
+                include_dirs=include_dirs + wheel_headers(),
+                define_macros=common_defines,
+                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
+                py_limited_api=LIMITED_API,
+            )
+        )
+        built.append(f"cuda ({arch_list})")
+    else:
+        log(f"skipping the CUDA backend: {reason}")
+    log("building backends: " + ", ".join(built) + "  (triton needs no build)")
+    return exts
+
+
+def prepare_cuda_home():
+    # torch.utils.cpp_extension reads CUDA_HOME once, at import; on machines where `nvcc` is a wrapper script
+    # its own guess (the parent of the script's folder) is wrong, so settle it before that import.
+    if os.environ.get("FUSEDOPT_SKIP_CUDA", "0") == "1":
+        return
+    toolkit, _ = find_cuda_toolkit()
+    if toolkit and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = toolkit
+
+
+def main():
+    prepare_cuda_home()
+    from torch.utils.cpp_extension import BuildExtension
+
+    options = {"bdist_wheel": {"py_limited_api": "cp39"}} if LIMITED_API else {}
+    setup(
+        packages=find_packages(include=["fusedopt", "fusedopt.*"]),
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options=options,
+    )
+
+
+if __name__ == "__main__":
+    main()
