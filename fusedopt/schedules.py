@@ -319,7 +319,13 @@ def exponential(gamma: float, total_steps: int) -> ScheduleTable:
     """``ExponentialLR``: factor ``gamma ** t`` for steps ``0..total_steps-1`` (then held)."""
     gamma = _check_float("gamma", gamma, 0.0)
     _check_int("total_steps", total_steps, 1)
-    return ScheduleTable([gamma**t for t in range(total_steps)], name="exponential")
+    vals = []
+    for t in range(total_steps):
+        try:
+            vals.append(gamma**t)
+        except OverflowError:  # gamma > 1 over many steps: let the table report the first inf entry
+            vals.append(math.inf)
+    return ScheduleTable(vals, name="exponential")
 
 
 def polynomial(total_steps: int, power: float = 1.0, min_factor: float = 0.0) -> ScheduleTable:
@@ -440,7 +446,7 @@ class _ShadowOptimizer(torch.optim.Optimizer):
     def __init__(self, param_groups: List[dict], defaults: dict):
         super().__init__(param_groups, defaults)
 
-    def step(self, closure=None):  # noqa: D401 - nothing to update
+    def step(self, closure=None):
         return None
 
 

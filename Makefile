@@ -1,0 +1,46 @@
+# The two commands of the README:
+#   make demo   set up .venv (torch 2.14.1 + fusedopt with its compiled kernels), then train a small model with
+#               FusedAdamW + warmup_cosine beside torch.optim.AdamW + LambdaLR
+#   make test   the same set-up, then the whole test suite (what CI runs, through .ci/run)
+# Other targets: make build (recompile the extension), make bench (CPU benchmark), make clean.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.14.1
+# Parallel compile jobs for the extension (ninja); the CI machine has 2 cores.
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: demo test build bench clean venv
+
+venv: $(VENV)/.deps
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)" ninja numpy
+	$(PIP) install --quiet pytest pytest-timeout expecttest lion-pytorch scikit-learn matplotlib
+	touch $@
+
+# Builds fusedopt._C (CPU) and, when torch has CUDA and a toolkit is found, fusedopt._cuda.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PY) -c "import fusedopt, fusedopt.backends as b; print('fusedopt backends:', {k: v[0] for k, v in b.available().items()})"
+	touch $@
+
+build: $(VENV)/.built
+
+demo: $(VENV)/.built
+	$(PY) -m fusedopt.demo
+
+test: $(VENV)/.built
+	$(PY) -m pytest tests -q --timeout=900
+
+bench: $(VENV)/.built
+	$(PY) -m fusedopt.bench --quick
+
+clean:
+	rm -rf build dist *.egg-info fusedopt/*.so $(VENV)
