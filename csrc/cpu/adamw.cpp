@@ -8,6 +8,27 @@ namespace fusedopt {
 namespace cpu {
 namespace {
 
+// One contiguous range of one tensor. Loop-invariant choices are template parameters and all pointers are
+// restrict, so the loop vectorizes.
+template <bool kMaster, bool kAmsgrad, typename P, typename S, typename T>
+FUSEDOPT_CPU_CLONES void adamw_range(P* __restrict__ param, S* __restrict__ master, const P* __restrict__ grad,
+                                     S* __restrict__ m, S* __restrict__ v, S* __restrict__ vmax, int64_t n,
+                                     AdamWScalars<T> s, const GradTransform<T> transform) {
+  s.amsgrad = kAmsgrad;
+  for (int64_t j = 0; j < n; ++j) {
+    T p = load_param<kMaster, T>(param, master, j);
+    const T g = transform_grad(static_cast<T>(grad[j]), transform);
+    T mj = static_cast<T>(m[j]);
+    T vj = static_cast<T>(v[j]);
+    T vmaxj = kAmsgrad ? static_cast<T>(vmax[j]) : T(0);
+    adamw_update(p, g, mj, vj, vmaxj, s);
+    m[j] = static_cast<S>(mj);
+    v[j] = static_cast<S>(vj);
+    if (kAmsgrad) vmax[j] = static_cast<S>(vmaxj);
+    store_param<kMaster>(param, master, j, p);
+  }
+}
+
 template <typename P, typename S>
 void adamw_typed(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params, double lr,
@@ -18,24 +39,19 @@ void adamw_typed(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   for_each_chunk(params, [&](int64_t i, int64_t begin, int64_t end) {
     const auto s = make_adamw_scalars<T>(lr, beta1, beta2, eps, weight_decay, *steps[i].data_ptr<int64_t>(),
                                          amsgrad);
-    S* m = exp_avgs[i].data_ptr<S>();
-    S* v = exp_avg_sqs[i].data_ptr<S>();
-    S* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<S>() : nullptr;
-    auto body = [&](int64_t j, T& p, T g) {
-      T mj = static_cast<T>(m[j]);
-      T vj = static_cast<T>(v[j]);
-      T vmaxj = amsgrad ? static_cast<T>(vmax[j]) : T(0);
-      adamw_update(p, g, mj, vj, vmaxj, s);
-      m[j] = static_cast<S>(mj);
-      v[j] = static_cast<S>(vj);
-      if (amsgrad) vmax[j] = static_cast<S>(vmaxj);
-    };
-    P* param = params[i].data_ptr<P>();
-    const P* grad = grads[i].data_ptr<P>();
+    P* param = params[i].data_ptr<P>() + begin;
+    S* mp = master ? master_params[i].data_ptr<S>() + begin : nullptr;
+    const P* grad = grads[i].data_ptr<P>() + begin;
+    S* m = exp_avgs[i].data_ptr<S>() + begin;
+    S* v = exp_avg_sqs[i].data_ptr<S>() + begin;
+    S* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<S>() + begin : nullptr;
+    const int64_t n = end - begin;
     if (master) {
-      update_range<true, T>(param, master_params[i].data_ptr<S>(), grad, begin, end, transform, body);
+      amsgrad ? adamw_range<true, true>(param, mp, grad, m, v, vmax, n, s, transform)
+              : adamw_range<true, false>(param, mp, grad, m, v, vmax, n, s, transform);
     } else {
-      update_range<false, T>(param, static_cast<S*>(nullptr), grad, begin, end, transform, body);
+      amsgrad ? adamw_range<false, true>(param, mp, grad, m, v, vmax, n, s, transform)
+              : adamw_range<false, false>(param, mp, grad, m, v, vmax, n, s, transform);
     }
   });
 }

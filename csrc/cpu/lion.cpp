@@ -8,25 +8,33 @@ namespace fusedopt {
 namespace cpu {
 namespace {
 
+// One contiguous range of one tensor (restrict pointers: the loop vectorizes).
+template <bool kMaster, typename P, typename S, typename T>
+FUSEDOPT_CPU_CLONES void lion_range(P* __restrict__ param, S* __restrict__ master, const P* __restrict__ grad,
+                                    S* __restrict__ m, int64_t n, const LionScalars<T> s,
+                                    const GradTransform<T> transform) {
+  for (int64_t j = 0; j < n; ++j) {
+    T p = load_param<kMaster, T>(param, master, j);
+    const T g = transform_grad(static_cast<T>(grad[j]), transform);
+    T mj = static_cast<T>(m[j]);
+    lion_update(p, g, mj, s);
+    m[j] = static_cast<S>(mj);
+    store_param<kMaster>(param, master, j, p);
+  }
+}
+
 template <typename P, typename S>
 void lion_typed(TensorList params, TensorList grads, TensorList exp_avgs, TensorList master_params,
                 const LionScalars<at::opmath_type<P>>& s, const GradTransform<at::opmath_type<P>>& transform) {
-  using T = at::opmath_type<P>;
   const bool master = !master_params.empty();
   for_each_chunk(params, [&](int64_t i, int64_t begin, int64_t end) {
-    S* m = exp_avgs[i].data_ptr<S>();
-    auto body = [&](int64_t j, T& p, T g) {
-      T mj = static_cast<T>(m[j]);
-      lion_update(p, g, mj, s);
-      m[j] = static_cast<S>(mj);
-    };
-    P* param = params[i].data_ptr<P>();
-    const P* grad = grads[i].data_ptr<P>();
-    if (master) {
-      update_range<true, T>(param, master_params[i].data_ptr<S>(), grad, begin, end, transform, body);
-    } else {
-      update_range<false, T>(param, static_cast<S*>(nullptr), grad, begin, end, transform, body);
-    }
+    P* param = params[i].data_ptr<P>() + begin;
+    S* mp = master ? master_params[i].data_ptr<S>() + begin : nullptr;
+    const P* grad = grads[i].data_ptr<P>() + begin;
+    S* m = exp_avgs[i].data_ptr<S>() + begin;
+    const int64_t n = end - begin;
+    master ? lion_range<true>(param, mp, grad, m, n, s, transform)
+           : lion_range<false>(param, mp, grad, m, n, s, transform);
   });
 }
 

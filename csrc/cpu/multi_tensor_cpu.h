@@ -50,18 +50,25 @@ void for_each_chunk(at::TensorList params, const Fn& fn) {
   });
 }
 
-// Reads the parameter (from its float32 master copy when there is one), hands it with the transformed
-// gradient to `update(j, p, g)`, then writes it back (to the master and, rounded, to the param).
-template <bool kMaster, typename T, typename P, typename S, typename Update>
-inline void update_range(P* param, S* master, const P* grad, int64_t begin, int64_t end,
-                         const GradTransform<T>& transform, const Update& update) {
-  for (int64_t j = begin; j < end; ++j) {
-    T p = kMaster ? static_cast<T>(master[j]) : static_cast<T>(param[j]);
-    const T g = transform_grad(static_cast<T>(grad[j]), transform);
-    update(j, p, g);
-    if (kMaster) master[j] = static_cast<S>(p);
-    param[j] = static_cast<P>(p);
-  }
+// The inner loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC function
+// multiversioning), as torch does for its own CPU kernels. Contraction into FMA stays off (-ffp-contract=off),
+// so every variant rounds exactly the same way and results do not depend on the machine.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FUSEDOPT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FUSEDOPT_CPU_CLONES
+#endif
+
+// The parameter as the update sees it: its float32 master copy when there is one, else the param itself.
+template <bool kMaster, typename T, typename P, typename S>
+inline T load_param(const P* __restrict__ param, const S* __restrict__ master, int64_t j) {
+  return kMaster ? static_cast<T>(master[j]) : static_cast<T>(param[j]);
+}
+
+template <bool kMaster, typename T, typename P, typename S>
+inline void store_param(P* __restrict__ param, S* __restrict__ master, int64_t j, T p) {
+  if (kMaster) master[j] = static_cast<S>(p);
+  param[j] = static_cast<P>(p);  // with a master copy: the rounded result
 }
 
 // Reads the AMP / clipping control tensors once per op call. Returns false when found_inf says to skip.

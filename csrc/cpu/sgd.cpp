@@ -8,24 +8,39 @@ namespace fusedopt {
 namespace cpu {
 namespace {
 
+// One contiguous range of one tensor. The momentum buffer is always loaded when it exists (it is zeroed on
+// creation), so the first-step and Nesterov choices are selects and the loop vectorizes.
+template <bool kMaster, bool kMomentum, typename P, typename S, typename T>
+FUSEDOPT_CPU_CLONES void sgd_range(P* __restrict__ param, S* __restrict__ master, const P* __restrict__ grad,
+                                   S* __restrict__ buf, int64_t n, SGDScalars<T> s,
+                                   const GradTransform<T> transform) {
+  s.use_momentum = kMomentum;
+  for (int64_t j = 0; j < n; ++j) {
+    T p = load_param<kMaster, T>(param, master, j);
+    const T g = transform_grad(static_cast<T>(grad[j]), transform);
+    T bufj = kMomentum ? static_cast<T>(buf[j]) : T(0);
+    sgd_update(p, g, bufj, s);
+    if (kMomentum) buf[j] = static_cast<S>(bufj);
+    store_param<kMaster>(param, master, j, p);
+  }
+}
+
 template <typename P, typename S>
 void sgd_typed(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList master_params,
                const SGDScalars<at::opmath_type<P>>& s, const GradTransform<at::opmath_type<P>>& transform) {
-  using T = at::opmath_type<P>;
   const bool master = !master_params.empty();
   for_each_chunk(params, [&](int64_t i, int64_t begin, int64_t end) {
-    S* buf = s.use_momentum ? momentum_buffers[i].data_ptr<S>() : nullptr;
-    auto body = [&](int64_t j, T& p, T g) {
-      T bufj = (s.use_momentum && !s.first_step) ? static_cast<T>(buf[j]) : T(0);
-      sgd_update(p, g, bufj, s);
-      if (s.use_momentum) buf[j] = static_cast<S>(bufj);
-    };
-    P* param = params[i].data_ptr<P>();
-    const P* grad = grads[i].data_ptr<P>();
+    P* param = params[i].data_ptr<P>() + begin;
+    S* mp = master ? master_params[i].data_ptr<S>() + begin : nullptr;
+    const P* grad = grads[i].data_ptr<P>() + begin;
+    S* buf = s.use_momentum ? momentum_buffers[i].data_ptr<S>() + begin : nullptr;
+    const int64_t n = end - begin;
     if (master) {
-      update_range<true, T>(param, master_params[i].data_ptr<S>(), grad, begin, end, transform, body);
+      s.use_momentum ? sgd_range<true, true>(param, mp, grad, buf, n, s, transform)
+                     : sgd_range<true, false>(param, mp, grad, buf, n, s, transform);
     } else {
-      update_range<false, T>(param, static_cast<S*>(nullptr), grad, begin, end, transform, body);
+      s.use_momentum ? sgd_range<false, true>(param, mp, grad, buf, n, s, transform)
+                     : sgd_range<false, false>(param, mp, grad, buf, n, s, transform);
     }
   });
 }
