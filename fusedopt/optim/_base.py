@@ -233,13 +233,13 @@ class FusedOptimizer(Optimizer):
             skipped = bool(found_inf.item())  # free on CPU; on CUDA the mirror assumes the step was taken
         else:
             skipped = False
+        length = len(self.schedule)
+        if self._host_step >= length and not self._warned_past_end:  # this step read past the end
+            self._warned_past_end = True
+            warnings.warn(f"fusedopt: the schedule table has {length} steps and step {self._host_step} read past "
+                          f"its end; its last entry holds from now on", stacklevel=3)
         if not skipped:
             self._host_step += 1
-        length = len(self.schedule)
-        if self._host_step >= length and not self._warned_past_end:
-            self._warned_past_end = True
-            warnings.warn(f"fusedopt: the schedule table ({length} steps) is exhausted at step {self._host_step}; "
-                          f"its last entry holds from now on", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------------------
     # State
