@@ -25,7 +25,9 @@ inline void check_same_layout(const char* op, const char* list_name, const Tenso
               " but params[", i, "] is on ", param.device());
   TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list_name, "[", i, "] has shape ", t.sizes(),
               " but params[", i, "] has shape ", param.sizes());
-  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides(), op, ": ", list_name, "[", i,
+  // Two contiguous tensors walk their elements in the same order even where strides of size-1 dims differ.
+  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides() || (t.is_contiguous() && param.is_contiguous()), op,
+              ": ", list_name, "[", i,
               "] has strides ", t.strides(), " but params[", i, "] has strides ", param.strides());
 }
 

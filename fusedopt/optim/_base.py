@@ -11,6 +11,7 @@ argument checks), `_new_state` (the rule's state tensors) and `_call_backend` (o
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -62,6 +63,35 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _dtensor_class():
+    """torch.distributed.tensor.DTensor once that module is loaded, else None: no DTensor can exist before it
+    is imported, so plain (non-distributed) training never imports it or pays for isinstance checks."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+class _LocalState(dict):
+    """The kernels' view of a DTensor param's state: each DTensor value as its local shard. A value that the
+    update rule sets (SGD's first momentum buffer, created from the local param) is stored in the real state
+    as a DTensor with the param's mesh and placements, which torch.distributed.checkpoint expects."""
+
+    __slots__ = ("_state", "_param")
+
+    def __init__(self, state: dict, param):
+        dtensor = _dtensor_class()
+        super().__init__((k, v.to_local() if isinstance(v, dtensor) else v) for k, v in state.items())
+        self._state = state
+        self._param = param
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        p = self._param
+        if isinstance(value, torch.Tensor) and key != "step" and value.shape == p.to_local().shape:
+            value = _dtensor_class().from_local(value, p.device_mesh, p.placements, run_check=False,
+                                                shape=p.shape, stride=p.stride())
+        self._state[key] = value
+
+
 @dataclass
 class Batch:
     """The tensors of one op call: one param group, one device, one dtype (and for SGD one first-step flag)."""
@@ -74,6 +104,8 @@ class Batch:
     # (original param, contiguous stand-in) for params that are strided views: updated on the copy, copied back
     write_back: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     first_step: bool = False
+    # set when the batch holds DTensor shards: per grad, the process groups its norm is summed over (clipping)
+    shard_groups: Optional[List[tuple]] = None
 
 
 @dataclass
@@ -299,36 +331,45 @@ class FusedOptimizer(Optimizer):
                                 f"dtype {t.dtype} shape {tuple(t.shape)}")
         return grad_scale, found_inf
 
+    # SGD sorts params by whether their momentum buffer exists yet (torch's first-step rule)
+    _splits_first_step = False
+
     def _collect(self) -> List[Batch]:
         """Validate every grad and sort params into batches. Modifies nothing, so a rejected step leaves
-        params and state exactly as they were."""
+        params and state exactly as they were. This loop runs over every param at every step: it touches
+        each tensor as few times as it can."""
         batches: Dict[tuple, Batch] = {}
+        strided = torch.strided
+        split_first = self._splits_first_step
+        state_of = self.state
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                where = f"param {i} of param group {gi}"
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where} has a "
-                                       f"{g.layout} grad)")
-                if g.dtype != p.dtype:
-                    raise RuntimeError(f"{where}: grad dtype {g.dtype} differs from param dtype {p.dtype}")
-                if g.shape != p.shape:
-                    raise RuntimeError(f"{where}: grad shape {tuple(g.shape)} differs from param shape "
-                                       f"{tuple(p.shape)}")
-                if g.device != p.device:
-                    raise RuntimeError(f"{where}: grad is on {g.device} but the param is on {p.device}")
-                state = self.state.get(p)
-                first = bool(self._is_first_step(p, group, state))
-                key = (gi, p.device, p.dtype, first)
+                device = p.device
+                if g.layout is not strided or g.dtype is not p.dtype or g.shape != p.shape or g.device != device:
+                    self._reject_grad(gi, i, p, g)
+                first = split_first and self._is_first_step(p, group, state_of.get(p))
+                key = (gi, device, p.dtype, first)
                 batch = batches.get(key)
                 if batch is None:
-                    batch = batches[key] = Batch(gi, p.device, first_step=first)
+                    batch = batches[key] = Batch(gi, device, first_step=first)
                 batch.params.append(p)
                 batch.grads.append(g)
         return list(batches.values())
+
+    def _reject_grad(self, gi: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        where = f"param {i} of param group {gi}"
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where} has a "
+                               f"{g.layout} grad)")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"{where}: grad dtype {g.dtype} differs from param dtype {p.dtype}")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{where}: grad shape {tuple(g.shape)} differs from param shape {tuple(p.shape)}")
+        raise RuntimeError(f"{where}: grad is on {g.device} but the param is on {p.device}")
 
     def _is_first_step(self, p, group, state) -> bool:
         return False
@@ -336,20 +377,88 @@ class FusedOptimizer(Optimizer):
     def _prepare(self, batch: Batch) -> None:
         """Create missing state and give the kernels dense tensors with matching strides."""
         group = self.param_groups[batch.group_index]
-        for k, p in enumerate(batch.params):
-            batch.states.append(self._ensure_state(p, group))
-            if not is_dense(p):
+        state_of = self.state
+        params, grads, states = batch.params, batch.grads, batch.states
+        dtensor = _dtensor_class()
+        for k, p in enumerate(params):
+            state = state_of.get(p)
+            states.append(state if state else self._ensure_state(p, group))
+            if dtensor is not None and isinstance(p, dtensor):
+                p = self._to_local(batch, k, p)
+            g = grads[k]
+            if p.is_contiguous():
+                if not g.is_contiguous():
+                    grads[k] = g.contiguous()
+            elif not is_dense(p):
+                # a strided view: update a contiguous stand-in and copy it back (states of such a param were
+                # created contiguous, since zeros_like falls back to that)
                 stand_in = p.detach().contiguous()
                 batch.write_back.append((p, stand_in))
-                batch.params[k] = stand_in
-                batch.grads[k] = batch.grads[k].contiguous()
-                # states of a non-dense param were created contiguous (zeros_like falls back to it)
-            elif p.numel() > 1 and batch.grads[k].stride() != p.stride():
-                batch.grads[k] = torch.empty_like(p).copy_(batch.grads[k])  # same strides as the param
+                params[k] = stand_in
+                grads[k] = g.contiguous()
+            elif g.stride() != p.stride():
+                grads[k] = torch.empty_like(p).copy_(g)  # dense but permuted: give the grad the param's strides
+
+    def _to_local(self, batch: Batch, k: int, p) -> torch.Tensor:
+        """Put the local shard of DTensor param k (FSDP2's fully_shard, tensor parallel) in its place in the
+        batch, with its grad's and states' local shards: the kernels update the shard in place. Nothing is
+        gathered; only clipping communicates (a scalar per mesh dimension, see _clip_coefficient_sharded)."""
+        g = batch.grads[k]
+        if (not isinstance(g, _dtensor_class()) or g.device_mesh != p.device_mesh or g.placements != p.placements
+                or any(pl.is_partial() for pl in g.placements)):
+            raise RuntimeError(
+                f"{type(self).__name__}: a DTensor param (placements {p.placements}) needs a DTensor grad with the "
+                f"same mesh and placements, got " + (f"placements {g.placements}" if isinstance(g, _dtensor_class())
+                                                     else f"a {type(g).__name__}") + "; redistribute the grad first")
+        if batch.shard_groups is None:
+            batch.shard_groups = [()] * len(batch.grads)
+        mesh = p.device_mesh
+        batch.shard_groups[k] = tuple(mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard())
+        local = p.to_local()
+        batch.params[k] = local
+        batch.grads[k] = g.to_local()
+        batch.states[k] = _LocalState(batch.states[k], p)
+        return local
+
+    def _clip_coefficient_sharded(self, batches: Sequence[Batch], grad_scale: Optional[torch.Tensor]):
+        """_clip_coefficient for batches with DTensor shards: the local norms of grads sharded over the same
+        mesh dimensions are combined, raised to the power p and summed (max for inf) over those dimensions'
+        process groups, so every rank gets the norm of the full grads. Replicated dimensions are not summed."""
+        import torch.distributed as dist
+
+        norm_type = self.norm_type
+        first = batches[0].device
+        buckets: Dict[tuple, List[torch.Tensor]] = {}  # process groups -> local norms (same order on every rank)
+        for b in batches:
+            groups = b.shard_groups or [()] * len(b.grads)
+            for n, key in zip(torch._foreach_norm(b.grads, norm_type, dtype=torch.float32), groups):
+                buckets.setdefault(key, []).append(n.to(first))
+        parts = []
+        for key, norms in buckets.items():
+            part = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+            if key:
+                if math.isinf(norm_type):
+                    for pg in key:
+                        dist.all_reduce(part, op=dist.ReduceOp.MAX, group=pg)
+                else:
+                    part = part.double().pow(norm_type)
+                    for pg in key:
+                        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
+                    part = part.pow(1.0 / norm_type).float()
+            parts.append(part)
+        total = torch.linalg.vector_norm(torch.stack(parts), norm_type)
+        if grad_scale is not None:
+            inv_scale = grad_scale.to(device=first, dtype=torch.float64).reciprocal().to(torch.float32)
+            total = total * inv_scale
+        self.last_grad_norm = total
+        coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        return {b.device: coef.to(b.device) for b in batches}
 
     def _clip_coefficient(self, batches: Sequence[Batch], grad_scale: Optional[torch.Tensor]):
         """Global grad norm over all params of this optimizer, on the device: clip_grad_norm_'s formula.
         Returns {device: coef tensor} and sets self.last_grad_norm; grads are not modified."""
+        if any(b.shard_groups for b in batches):
+            return self._clip_coefficient_sharded(batches, grad_scale)
         grads_by_device: Dict[torch.device, List[torch.Tensor]] = {}
         for b in batches:
             grads_by_device.setdefault(b.device, []).extend(b.grads)

@@ -20,6 +20,7 @@ class FusedSGD(FusedOptimizer):
     rule = "sgd"
     state_keys = ("momentum_buffer",)
     momentum_slot = ("momentum",)
+    _splits_first_step = True
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False, *,
