@@ -1,0 +1,222 @@
+"""Device-side helpers shared by the three Triton kernels: the Triton spelling of csrc/fusedopt/rules.h and
+csrc/fusedopt/schedule.h (everything that is not one rule's own per-element update).
+
+Numerics, so that float32 results are bit-identical to the C++ kernels (which compile rules.h with
+-ffp-contract=off):
+  * float32 division and square root use tl.div_rn / tl.sqrt_rn (IEEE round-to-nearest, like the C++ '/' and
+    std::sqrt / sqrtf); Triton's plain '/' and tl.sqrt are approximate for float32. For float64 the plain
+    operators already lower to div.rn.f64 / sqrt.rn.f64 (and tl.div_rn / tl.sqrt_rn only accept float32).
+  * the launcher compiles with enable_fp_fusion=False, so no a*b+c is contracted into an FMA.
+  * the Triton interpreter's bfloat16 conversions are not exact (float32 -> bfloat16 truncates, bfloat16 ->
+    float32 mishandles subnormals), so under the interpreter (SOFT_BF16) both are done with integer
+    operations exactly as c10::BFloat16 does them; compiled kernels use the hardware conversions
+    (cvt.f32.bf16 and cvt.rn.bf16.f32, round-to-nearest-even).
+
+No helper here may use the Python-float rounding of a kernel argument: double hyperparameters arrive as
+tl.float64-annotated arguments and are turned into float64 scalars with f64() (the interpreter would otherwise
+round a Python float to float32 on first use).
+"""
+
+import functools
+import os
+
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_function(fn):
+    """@triton.jit for the helpers the kernels call.
+
+    Compiled, this is exactly triton.jit. Under the interpreter, every call of a jitted helper re-patches
+    triton.language (about 1.5 ms a call, which made one interpreted optimizer step cost over 100 ms); the
+    kernel being interpreted has already patched it, so the helper's interpreter-rewritten Python function is
+    called directly. Falls back to the plain jitted helper if the interpreter lacks that hook."""
+    jitted = triton.jit(fn)
+    if not _INTERPRET or not hasattr(jitted, "rewrite"):
+        return jitted
+    rewritten = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not rewritten:
+            rewritten.append(jitted.rewrite())
+        return rewritten[0](*args, **kwargs)
+
+    return call
+
+
+# Fields of one row of the work table (see launcher.py): addresses already offset to the row's first element.
+F_PARAM = tl.constexpr(0)
+F_GRAD = tl.constexpr(1)
+F_STATE0 = tl.constexpr(2)
+F_STATE1 = tl.constexpr(3)
+F_STATE2 = tl.constexpr(4)
+F_MASTER = tl.constexpr(5)
+F_STEP = tl.constexpr(6)
+F_NUMEL = tl.constexpr(7)
+ROW = tl.constexpr(8)
+
+
+@device_function
+def f64(x):
+    """An exact float64 scalar from a tl.float64 kernel argument (compiled: a no-op)."""
+    return tl.full((), x, tl.float64)
+
+
+@device_function
+def row_ptr(rows_ptr):
+    """This program's row of the work table."""
+    return rows_ptr + tl.program_id(0).to(tl.int64) * ROW
+
+
+@device_function
+def typed_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A raw int64 address from the work table as a typed pointer. ALIGNED: the host checked that every
+    address of the table is a multiple of 16 bytes, which lets the compiler use 128-bit accesses."""
+    p = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@device_function
+def load_elems(addr, offs, mask, DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+               SOFT_BF16: tl.constexpr):
+    """Loads DTYPE elements and widens them to the math type T_DTYPE (exact). mask None: a full block."""
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        ptrs = typed_ptr(addr, tl.uint16, ALIGNED) + offs
+        if mask is None:
+            bits = tl.load(ptrs)
+        else:
+            bits = tl.load(ptrs, mask=mask, other=0)
+        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        ptrs = typed_ptr(addr, DTYPE, ALIGNED) + offs
+        if mask is None:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0)
+    return x.to(T_DTYPE)
+
+
+@device_function
+def store_elems(addr, offs, x, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Rounds x to DTYPE (round-to-nearest-even, like the static_cast<S> / static_cast<P> of the C++ kernels)
+    and stores it. mask None: a full block."""
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        # c10::detail::round_to_nearest_even; NaN -> the canonical quiet NaN 0x7FC0
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)
+        ptrs = typed_ptr(addr, tl.uint16, ALIGNED) + offs
+        val = r.to(tl.uint16)
+    else:
+        ptrs = typed_ptr(addr, DTYPE, ALIGNED) + offs
+        val = x.to(DTYPE)
+    if mask is None:
+        tl.store(ptrs, val)
+    else:
+        tl.store(ptrs, val, mask=mask)
+
+
+@device_function
+def div(a, b):
+    """IEEE-rounded a / b (the C++ '/' in rules.h)."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@device_function
+def sqrt(x):
+    """IEEE-rounded square root: schedule.h sqrt_host_device."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@device_function
+def power2(base_a, base_b, exponent):
+    """(power(base_a, exponent), power(base_b, exponent)) with rules.h power(), exponentiation by squaring in
+    double: each result goes through exactly the multiplications of power(); the two share the loop control
+    (half the work under the interpreter)."""
+    result_a = tl.full((), 1.0, tl.float64)
+    result_b = tl.full((), 1.0, tl.float64)
+    e = exponent.to(tl.int64)
+    while e > 0:
+        odd = (e & 1) != 0
+        result_a = tl.where(odd, result_a * base_a, result_a)
+        result_b = tl.where(odd, result_b * base_b, result_b)
+        base_a = base_a * base_a
+        base_b = base_b * base_b
+        e = e >> 1
+    return result_a, result_b
+
+
+@device_function
+def lerp(self, end, weight):
+    """rules.h lerp() (torch's two-formula lerp); weight is a scalar of the math type."""
+    small = (weight < 0.5) & (weight > -0.5)
+    return tl.where(small, self + weight * (end - self), end - (end - self) * (1.0 - weight))
+
+
+@device_function
+def sign(x):
+    """rules.h sign(): sign(0) == 0 and sign(NaN) == 0."""
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+@device_function
+def transform_grad(g, inv_scale, clip_coef, MAXIMIZE: tl.constexpr):
+    """rules.h transform_grad(): AMP unscale, global-norm clip, maximize."""
+    g = g * inv_scale
+    g = g * clip_coef
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@device_function
+def read_table(table_ptr, table_len, step, fallback, HAS_TABLE: tl.constexpr):
+    """schedule.h read_table(): the entry at `step` clamped to [0, len - 1], or the group's own value."""
+    if HAS_TABLE:
+        # table_index(): clamp to [0, len - 1] (len >= 1, checked on the host)
+        value = tl.load(table_ptr + tl.minimum(tl.maximum(step, 0), table_len - 1))
+    else:
+        value = f64(fallback)
+    return value
+
+
+@device_function
+def read_controls(schedule_step_ptr, lr_table_ptr, lr_table_len, mom_table_ptr, mom_table_len,
+                  grad_scale_ptr, found_inf_ptr, clip_coef_ptr, lr, mom,
+                  HAS_SCHEDULE_STEP: tl.constexpr, HAS_LR_TABLE: tl.constexpr, HAS_MOM_TABLE: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
+                  T_DTYPE: tl.constexpr):
+    """Everything a call reads from device memory besides the tensors themselves, read by every program:
+    the scheduled lr and momentum/beta1 (float64), whether the step runs (found_inf == 0) and the gradient
+    factors of multi_tensor_cpu.h read_grad_transform(), rounded to the math type."""
+    if HAS_SCHEDULE_STEP:
+        step = tl.load(schedule_step_ptr).to(tl.int64)
+    else:
+        step = tl.full((), 0, tl.int64)
+    lr_now = read_table(lr_table_ptr, lr_table_len, step, lr, HAS_LR_TABLE)
+    mom_now = read_table(mom_table_ptr, mom_table_len, step, mom, HAS_MOM_TABLE)
+    if HAS_FOUND_INF:
+        live = tl.load(found_inf_ptr) == 0.0  # C++: skip when *found_inf != 0.0f (NaN skips too)
+    else:
+        live = tl.full((), 1, tl.int1)
+    if HAS_GRAD_SCALE:
+        # GradScaler's float32 reciprocal of the scale, computed in double: float(1.0 / double(scale))
+        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32).to(T_DTYPE)
+    else:
+        inv_scale = tl.full((), 1.0, T_DTYPE)
+    if HAS_CLIP_COEF:
+        clip_coef = tl.load(clip_coef_ptr).to(T_DTYPE)
+    else:
+        clip_coef = tl.full((), 1.0, T_DTYPE)
+    return lr_now, mom_now, live, inv_scale, clip_coef

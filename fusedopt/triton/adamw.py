@@ -1,0 +1,165 @@
+"""fusedopt::adamw_ as one Triton launch per call (torch.optim.AdamW, single-tensor semantics).
+
+Mirrors csrc/fusedopt/rules.h make_adamw_scalars() / adamw_update() and csrc/cpu/adamw.cpp line by line.
+Per program: read the controls and the schedule (_jit.read_controls), read this row's tensor step and add one
+(the step this update uses: torch counts from 1), compute the AdamW scalars in float64 and round each to the
+math type once, update the row's elements; then the last program to finish increments every step tensor,
+unless found_inf is set.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedopt.triton import _jit as J
+from fusedopt.triton import launcher as L
+
+
+@J.device_function
+def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, mask,
+                    inv_scale, clip_coef, decay, beta2, one_minus_beta1, one_minus_beta2, neg_step_size,
+                    bias_correction2_sqrt, eps,
+                    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
+                    HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # multi_tensor_cpu.h update_range(): the param comes from its float32 master copy when there is one
+    if HAS_MASTER:
+        p = J.load_elems(master_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    else:
+        p = J.load_elems(p_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
+                         inv_scale, clip_coef, MAXIMIZE)
+    m = J.load_elems(m_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    v = J.load_elems(v_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+
+    # rules.h adamw_update(), same operations in the same order
+    p = p * decay
+    m = J.lerp(m, g, one_minus_beta1)
+    v = v * beta2
+    v = v + one_minus_beta2 * g * g
+    second_moment = v
+    if AMSGRAD:
+        max_v = J.load_elems(vmax_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+        max_v = tl.where(max_v > v, max_v, v)  # torch.maximum; a NaN in v propagates
+        second_moment = max_v
+        J.store_elems(vmax_addr, offs, max_v, mask, S_DTYPE, ALIGNED, SOFT_BF16)
+    denom = J.div(J.sqrt(second_moment), bias_correction2_sqrt) + eps
+    p = p + neg_step_size * J.div(m, denom)
+
+    J.store_elems(m_addr, offs, m, mask, S_DTYPE, ALIGNED, SOFT_BF16)
+    J.store_elems(v_addr, offs, v, mask, S_DTYPE, ALIGNED, SOFT_BF16)
+    if HAS_MASTER:
+        J.store_elems(master_addr, offs, p, mask, S_DTYPE, ALIGNED, SOFT_BF16)
+    J.store_elems(p_addr, offs, p, mask, P_DTYPE, ALIGNED, SOFT_BF16)
+
+
+@triton.jit
+def adamw_kernel(
+    rows_ptr, n_tensors: tl.int64, step_addrs_ptr, done_ptr,
+    lr_table_ptr, lr_table_len: tl.int64, beta1_table_ptr, beta1_table_len: tl.int64, schedule_step_ptr,
+    grad_scale_ptr, found_inf_ptr, clip_coef_ptr,
+    lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
+    SIZE_CLASS: tl.int32,  # autotuning key only
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
+    HAS_LR_TABLE: tl.constexpr, HAS_MOM_TABLE: tl.constexpr, HAS_SCHEDULE_STEP: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = J.row_ptr(rows_ptr)
+    lr_now, beta1_now, live, inv_scale, clip_coef = J.read_controls(
+        schedule_step_ptr, lr_table_ptr, lr_table_len, beta1_table_ptr, beta1_table_len,
+        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, lr, beta1,
+        HAS_SCHEDULE_STEP, HAS_LR_TABLE, HAS_MOM_TABLE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_CLIP_COEF, T_DTYPE)
+
+    # adamw.cpp: `*steps[i] += 1` happens before make_adamw_scalars reads it. Every program of the tensor
+    # reads the old value here; the last program writes the increments below.
+    step_ptr = tl.load(row + J.F_STEP).to(tl.pointer_type(tl.int64))
+    step = tl.load(step_ptr) + 1
+
+    # rules.h make_adamw_scalars(): double math, each scalar rounded to the math type once
+    beta2_64 = J.f64(beta2)
+    beta1_pow, beta2_pow = J.power2(beta1_now, beta2_64, step)
+    bias_correction1 = 1.0 - beta1_pow
+    bias_correction2 = 1.0 - beta2_pow
+    decay = (1.0 - lr_now * J.f64(weight_decay)).to(T_DTYPE)
+    beta2_t = beta2_64.to(T_DTYPE)
+    one_minus_beta1 = (1.0 - beta1_now).to(T_DTYPE)
+    one_minus_beta2 = (1.0 - beta2_64).to(T_DTYPE)
+    neg_step_size = (-(lr_now / bias_correction1)).to(T_DTYPE)
+    bias_correction2_sqrt = J.sqrt(bias_correction2).to(T_DTYPE)
+    eps_t = J.f64(eps).to(T_DTYPE)
+
+    p_addr = tl.load(row + J.F_PARAM)
+    g_addr = tl.load(row + J.F_GRAD)
+    m_addr = tl.load(row + J.F_STATE0)
+    v_addr = tl.load(row + J.F_STATE1)
+    vmax_addr = tl.load(row + J.F_STATE2)
+    master_addr = tl.load(row + J.F_MASTER)
+    n = tl.where(live, tl.load(row + J.F_NUMEL), 0)  # found_inf: no element is touched
+    n_full = (n // BLOCK) * BLOCK
+    for start in range(0, n_full, BLOCK):  # full blocks: no mask, 128-bit accesses when ALIGNED
+        offs = start + tl.arange(0, BLOCK)
+        _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, None,
+                        inv_scale, clip_coef, decay, beta2_t, one_minus_beta1, one_minus_beta2, neg_step_size,
+                        bias_correction2_sqrt, eps_t,
+                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, ALIGNED, SOFT_BF16)
+    for start in range(n_full, n, BLOCK):  # the tail: at most one masked block
+        offs = start + tl.arange(0, BLOCK)
+        _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, offs < n,
+                        inv_scale, clip_coef, decay, beta2_t, one_minus_beta1, one_minus_beta2, neg_step_size,
+                        bias_correction2_sqrt, eps_t,
+                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, ALIGNED, SOFT_BF16)
+
+    # The step increments. A program may only write a step once no program will read it any more, so the
+    # last program to get here does all of them: the atomic (acq_rel, gpu scope) orders every program's read
+    # of its step above before its increment of the done-counter, and the program that sees the count reach
+    # num_programs - 1 is the last. It resets the counter for the next launch (and the next graph replay).
+    # A uniform branch per program, not per element.
+    done = tl.atomic_add(done_ptr, 1)
+    if done == tl.num_programs(0) - 1:
+        n_steps = tl.where(live, n_tensors, 0)  # found_inf: no step counts
+        for t0 in range(0, n_steps, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            steps = tl.load(step_addrs_ptr + t, mask=t < n_steps, other=0).to(tl.pointer_type(tl.int64))
+            tl.store(steps, tl.load(steps, mask=t < n_steps, other=0) + 1, mask=t < n_steps)
+        tl.store(done_ptr, 0)
+
+
+_tuned = None
+if not L.INTERPRET:
+    _tuned = triton.autotune(configs=L.CONFIGS, key=L.TUNE_KEY + ["AMSGRAD"], pre_hook=L.tuning_guard,
+                             do_bench=L.bench)(adamw_kernel)
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1, beta2, eps,
+           weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
+           clip_coef) -> None:
+    """fusedopt::adamw_ (csrc/ops.cpp) on the Triton backend; same arguments, same in-place semantics."""
+    op = "fusedopt::adamw_"
+    L.check_params(op, params)
+    if not params:
+        return
+    fields = {L.F_PARAM: params, L.F_GRAD: grads, L.F_STATE0: exp_avgs, L.F_STATE1: exp_avg_sqs}
+    if amsgrad:
+        fields[L.F_STATE2] = max_exp_avg_sqs
+    if master_params:
+        fields[L.F_MASTER] = master_params
+
+    def validate():
+        sdtype = L.state_dtype(params, master_params)
+        L.check_list(op, "grads", params, grads, True, params[0].dtype)
+        L.check_list(op, "exp_avgs", params, exp_avgs, True, sdtype)
+        L.check_list(op, "exp_avg_sqs", params, exp_avg_sqs, True, sdtype)
+        L.check_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, amsgrad, sdtype)
+        L.check_list(op, "master_params", params, master_params, False, torch.float32)
+        L.check_steps(op, params, steps)
+
+    if len(steps) != len(params):
+        L.check_steps(op, params, steps)
+    plan = L.get_plan(op, fields, steps, validate)
+    ctrl = L.controls(op, params[0].device, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
+                      clip_coef)
+    meta = dict(L.common_meta(params, master_params), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize))
+    scalars = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+    L.launch(adamw_kernel, _tuned, plan, ctrl, scalars, meta)

@@ -1,0 +1,1055 @@
+"""The Triton backend (fusedopt/triton) against independent oracles and against the C++ ops.
+
+Without CUDA the kernels run on CPU tensors through the Triton interpreter: TRITON_INTERPRET=1 is set before
+fusedopt.triton's kernel modules are imported (tests/conftest.py sets it for the whole session already; it
+stays set, because triton consults it again lazily). With CUDA the same tests run the compiled kernels on
+CUDA tensors, and the tests marked `gpu` add CUDA-graph capture, the no-sync check, large tensors and the
+comparison with the CUDA backend.
+
+Oracles: torch.optim.AdamW / SGD (foreach=False) and lion_pytorch.Lion, which share no code with fusedopt,
+plus the C++ CPU ops (torch.ops.fusedopt.*), which implement the same rules.h and must agree bit for bit.
+"""
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything below imports triton's kernels
+
+triton = pytest.importorskip("triton")
+import fusedopt.triton as ft  # noqa: E402
+from fusedopt.triton import adamw as ft_adamw, launcher, lion as ft_lion, sgd as ft_sgd  # noqa: E402
+
+if launcher.INTERPRET == CUDA:  # pragma: no cover - the kernels were imported in the other mode before us
+    raise RuntimeError(f"fusedopt.triton was imported with TRITON_INTERPRET={int(launcher.INTERPRET)} but this "
+                       f"machine {'has' if CUDA else 'has no'} CUDA; set TRITON_INTERPRET before importing it")
+
+from lion_pytorch import Lion  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+try:
+    importlib.import_module("fusedopt._C")
+    HAS_CPU_OPS = True
+except ImportError:
+    HAS_CPU_OPS = False
+needs_cpu_ops = pytest.mark.skipif(not HAS_CPU_OPS, reason="the C++ extension fusedopt._C is not built")
+
+
+@pytest.fixture(autouse=True)
+def _no_autotuning(monkeypatch):
+    """Compiled runs use the default config unless a test turns autotuning on: tuning every kernel variant
+    the suite meets (6 configs each) would dominate a GPU run. test_gpu_large_tensors_bitwise_vs_cpu_op and
+    test_autotune_benchmarks_only_on_scratch_buffers cover the tuning path."""
+    monkeypatch.setattr(launcher, "AUTOTUNE", False)
+
+
+# Sizes: empty, one element, tiny, odd (one masked block), and a full block plus a one-element tail under the
+# interpreter (block 1024). test_many_rows_and_blocks_bitwise shrinks rows and blocks to cross many of both.
+SIZES = [(0,), (1,), (3,), (97,), (1025,)]
+SIZES_BIG = SIZES + [(3 * 4096 + 5,)]  # several compiled rows (launcher.CHUNK is 4096 compiled); GPU tests
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+LOW = (torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Problem setup
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_params(sizes, dtype, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).to(device) for s in sizes]
+
+
+def make_grads(params, step, seed=0):
+    """Deterministic grads with ~5% exact zeros (sign(0) for Lion), generated in float32 on the CPU."""
+    g = torch.Generator().manual_seed(1_000_003 * seed + step)
+    out = []
+    for p in params:
+        x = torch.randn(p.shape, generator=g) * (torch.rand(p.shape, generator=g) > 0.05)
+        out.append(x.to(p.dtype).to(p.device))
+    return out
+
+
+def schedule_table(n, lo, hi, device=DEVICE):
+    """A float64 table of n absolute values going from lo to hi and back (shorter than the runs below, so
+    that they read it past its end)."""
+    t = torch.linspace(0, math.pi, n, dtype=torch.float64)
+    return (lo + (hi - lo) * torch.sin(t)).to(device)
+
+
+def at(table, t):
+    return float(table[min(t, table.numel() - 1)])
+
+
+def normwise_error(actual, expected):
+    """max|actual - expected| / max|expected| (as tests/oracles.py): relative to the tensor's scale, so that
+    elements passing near zero do not turn one ulp into a huge elementwise ratio."""
+    if expected.numel() == 0:
+        return 0.0
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_bitwise(actual, expected, what):
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    assert a.dtype == e.dtype and a.shape == e.shape, what
+    same = (a == e) | (a.isnan() & e.isnan()) if a.is_floating_point() else a == e
+    bad = (~same).sum().item()
+    assert bad == 0, f"{what}: {bad} of {a.numel()} elements differ (first: {a[~same][:3]} vs {e[~same][:3]})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Functional runners: hold the states of one rule over several groups and call an implementation of the op
+# (ours, or torch.ops.fusedopt.*) with the schedule step a trainer would keep on the device.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, rule, impl, groups, *, lr_tables=None, mom_tables=None, master=False, device=DEVICE):
+        self.rule, self.impl, self.groups = rule, impl, groups
+        self.lr_tables = lr_tables or [None] * len(groups)
+        self.mom_tables = mom_tables or [None] * len(groups)
+        self.schedule_step = torch.zeros((), dtype=torch.int64, device=device)
+        self.grad_bufs = None  # grads are copied into fixed buffers, as a trainer's .grad tensors stay put
+        self.state = []
+        for g in groups:
+            ps = g["params"]
+            masters = [p.float().clone() for p in ps] if master else []
+            sd = torch.float32 if master else (ps[0].dtype if ps else torch.float32)
+            z = lambda: [torch.zeros(p.shape, dtype=sd, device=p.device) for p in ps]  # noqa: E731
+            st = {"master": masters}
+            if rule == "adamw":
+                st.update(exp_avgs=z(), exp_avg_sqs=z(), max_exp_avg_sqs=z() if g.get("amsgrad") else [],
+                          steps=[torch.zeros((), dtype=torch.int64, device=p.device) for p in ps])
+            elif rule == "sgd":
+                st.update(bufs=z() if g.get("momentum", 0.0) != 0.0 else [], first=True)
+            else:
+                st.update(exp_avgs=z())
+            self.state.append(st)
+
+    def step(self, grads, *, grad_scale=None, found_inf=None, clip_coef=None, skipped=False):
+        if self.grad_bufs is None:
+            self.grad_bufs = [[g.clone() for g in gg] for gg in grads]
+        else:
+            for bufs, gg in zip(self.grad_bufs, grads):
+                for b, g in zip(bufs, gg):
+                    b.copy_(g)
+        grads = self.grad_bufs
+        for g, st, grad, lr_t, mom_t in zip(self.groups, self.state, grads, self.lr_tables, self.mom_tables):
+            sched = self.schedule_step if (lr_t is not None or mom_t is not None) else None
+            if self.rule == "adamw":
+                self.impl(g["params"], grad, st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"],
+                          st["steps"], st["master"], g["lr"], g["betas"][0], g["betas"][1], g["eps"],
+                          g["weight_decay"], g.get("amsgrad", False), g.get("maximize", False), lr_t, mom_t, sched,
+                          grad_scale, found_inf, clip_coef)
+            elif self.rule == "sgd":
+                self.impl(g["params"], grad, st["bufs"], st["master"], g["lr"], g.get("momentum", 0.0),
+                          g.get("dampening", 0.0), g.get("weight_decay", 0.0), g.get("nesterov", False),
+                          g.get("maximize", False), st["first"], lr_t, mom_t, sched, grad_scale, found_inf,
+                          clip_coef)
+                if not skipped:
+                    st["first"] = False
+            else:
+                self.impl(g["params"], grad, st["exp_avgs"], st["master"], g["lr"], g["betas"][0], g["betas"][1],
+                          g["weight_decay"], lr_t, mom_t, sched, grad_scale, found_inf, clip_coef)
+        self.schedule_step += 1  # the trainer's counter; the ops never touch it
+
+    def states(self):
+        """(name, tensor) of every state the rule keeps, for comparisons."""
+        keys = {"adamw": ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"], "sgd": ["bufs"],
+                "lion": ["exp_avgs"]}[self.rule]
+        for gi, st in enumerate(self.state):
+            for k in keys + ["master"]:
+                for i, t in enumerate(st[k]):
+                    yield f"group {gi} {k}[{i}]", t
+
+
+OURS = {"adamw": ft.adamw_, "sgd": ft.sgd_, "lion": ft.lion_}
+
+
+def cpu_op(rule):
+    return getattr(torch.ops.fusedopt, rule + "_")
+
+
+def split(params, n_groups):
+    return [params[i::n_groups] for i in range(n_groups)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs against torch.optim / lion-pytorch with a schedule: the oracle's group hyperparameters are set from
+# the same tables before every step (the value at min(t, len - 1)), which is what our kernels read on device.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def oracle_for(rule, groups):
+    if rule == "adamw":
+        return torch.optim.AdamW(groups, foreach=False)
+    if rule == "sgd":
+        return torch.optim.SGD(groups, foreach=False)
+    return Lion(groups)
+
+
+def run_vs_oracle(rule, dtype, group_hparams, steps, *, oracle_dtypes=None, tables=True, seed=0, sizes=SIZES,
+                  master=False, device=DEVICE):
+    """Runs ours (on `device`) and one oracle per entry of `oracle_dtypes` (on the CPU; default: the params'
+    dtype, float32 with master weights) from the same start with the same grads.
+    Returns (our runner, our params per group, [oracle params per group, ...], [oracle optimizer, ...])."""
+    n = len(group_hparams)
+    base = make_params(sizes, dtype, seed, device="cpu")
+    oracle_dtypes = oracle_dtypes or [torch.float32 if master else dtype]
+    ours_groups, oracle_groups = [], [[] for _ in oracle_dtypes]
+    lr_tables, mom_tables = [], []
+    for hp, idx in zip(group_hparams, split(list(range(len(base))), n)):
+        ours_groups.append(dict(hp, params=[base[i].clone().to(device) for i in idx]))
+        for og, odt in zip(oracle_groups, oracle_dtypes):
+            og.append(dict(hp, params=[base[i].clone().to(odt).requires_grad_() for i in idx]))
+        if tables:
+            # tables shorter than the runs: read at every step, then past their end
+            lr_tables.append(schedule_table(60, 0.1 * hp["lr"], 2 * hp["lr"], device))
+            mom = hp.get("momentum", hp.get("betas", (None,))[0])
+            mom_tables.append(None if not mom else schedule_table(45, 0.8 * mom, mom, device))
+    runner = Runner(rule, OURS[rule], ours_groups, lr_tables=lr_tables if tables else None,
+                    mom_tables=mom_tables if tables else None, master=master, device=device)
+    oracles = [oracle_for(rule, groups) for groups in oracle_groups]
+    for t in range(steps):
+        grads = split_like(make_grads([p for g in ours_groups for p in g["params"]], t, seed), ours_groups)
+        for oracle in oracles:
+            for og, gg, lr_t, mom_t in zip(oracle.param_groups, grads, lr_tables or [None] * n,
+                                           mom_tables or [None] * n):
+                if lr_t is not None:
+                    og["lr"] = at(lr_t, t)
+                if mom_t is not None:
+                    if rule == "sgd":
+                        og["momentum"] = at(mom_t, t)
+                    else:
+                        og["betas"] = (at(mom_t, t), og["betas"][1])
+                for p, g in zip(og["params"], gg):
+                    p.grad = g.detach().cpu().to(p.dtype)
+            oracle.step()
+        runner.step(grads)
+    params = [g["params"] for g in ours_groups]
+    return runner, params, [[g["params"] for g in o.param_groups] for o in oracles], oracles
+
+
+def split_like(flat, groups):
+    out, k = [], 0
+    for g in groups:
+        out.append(flat[k:k + len(g["params"])])
+        k += len(g["params"])
+    return out
+
+
+ADAMW_GROUPS = {
+    "plain": [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2),
+              dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0)],
+    "amsgrad_maximize": [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, amsgrad=True,
+                              maximize=True),
+                         dict(lr=2e-3, betas=(0.85, 0.995), eps=1e-7, weight_decay=0.0, amsgrad=True,
+                              maximize=True)],
+}
+SGD_GROUPS = {
+    "plain": [dict(lr=1e-2), dict(lr=3e-2, weight_decay=1e-2)],
+    "momentum": [dict(lr=1e-2, momentum=0.9), dict(lr=5e-3, momentum=0.8, weight_decay=1e-3)],
+    "dampening_wd": [dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+                     dict(lr=2e-2, momentum=0.5, dampening=0.5)],
+    "nesterov_maximize": [dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True),
+                          dict(lr=3e-3, momentum=0.95, nesterov=True, maximize=True)],
+}
+LION_GROUPS = [dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2), dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=0.0)]
+
+
+def compare_states_adamw(runner, oracle, oracle_params, tol, what):
+    for gi, (st, ops) in enumerate(zip(runner.state, oracle_params)):
+        for i, q in enumerate(ops):
+            s = oracle.state[q]
+            assert int(st["steps"][i]) == int(s["step"]), f"{what}: group {gi} step[{i}]"
+            assert normwise_error(st["exp_avgs"][i], s["exp_avg"]) <= tol, f"{what}: exp_avg {gi}/{i}"
+            assert normwise_error(st["exp_avg_sqs"][i], s["exp_avg_sq"]) <= tol, f"{what}: exp_avg_sq {gi}/{i}"
+            if st["max_exp_avg_sqs"]:
+                assert normwise_error(st["max_exp_avg_sqs"][i], s["max_exp_avg_sq"]) <= tol, what
+
+
+# float32 against torch.optim: both round every intermediate to float32 and use the same double-precision
+# scalars rounded to float once (rules.h); what remains are the one-ulp differences of torch's vectorized
+# CPU kernels (lerp and add-with-alpha use FMA there; Python's pow vs rules.h power() for beta^step can move
+# a scalar by one float ulp). Measured over these 100-step runs: <= 1.7e-7 normwise (1-2 ulps of the tensor's
+# scale, 2**-23 = 1.2e-7). 1e-6 (8 ulps) leaves room for other seeds and is far below any real error: reading
+# the schedule table one step off already moves params by 7e-3 (AdamW) / 3.6e-2 (SGD) here.
+F32_TOL = 1e-6
+F64_TOL = 1e-12  # the same argument with 2**-52 ulps (measured: ~1e-15)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against the oracles
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, variant", [(torch.float32, "plain"), (torch.float32, "amsgrad_maximize"),
+                                            (torch.float64, "amsgrad_maximize")])
+def test_adamw_vs_torch(dtype, variant):
+    steps = 100
+    runner, ours, (ref,), (oracle,) = run_vs_oracle("adamw", dtype, ADAMW_GROUPS[variant], steps)
+    tol = F32_TOL if dtype == torch.float32 else F64_TOL
+    for gi, (a, b) in enumerate(zip(ours, ref)):
+        for i, (p, q) in enumerate(zip(a, b)):
+            err = normwise_error(p, q)
+            assert err <= tol, f"group {gi} param {i} {tuple(p.shape)}: normwise error {err:.2e}"
+    compare_states_adamw(runner, oracle, ref, tol, f"adamw {variant} {dtype}")
+
+
+@pytest.mark.parametrize("dtype, variant", [(torch.float32, v) for v in SGD_GROUPS] +
+                         [(torch.float64, "nesterov_maximize")])
+def test_sgd_vs_torch(dtype, variant):
+    steps = 100
+    runner, ours, (ref,), (oracle,) = run_vs_oracle("sgd", dtype, SGD_GROUPS[variant], steps)
+    tol = F32_TOL if dtype == torch.float32 else F64_TOL
+    for gi, (a, b, st) in enumerate(zip(ours, ref, runner.state)):
+        for i, (p, q) in enumerate(zip(a, b)):
+            assert normwise_error(p, q) <= tol, f"group {gi} param {i}: {normwise_error(p, q):.2e}"
+            if st["bufs"]:
+                buf = oracle.state[q]["momentum_buffer"]
+                assert normwise_error(st["bufs"][i], buf) <= tol, f"group {gi} momentum_buffer {i}"
+
+
+def check_lion(ours, ref, group_hparams, tol, what):
+    """Lion's update is lr * sign(blended): where the blend of momentum and gradient is within an ulp of
+    zero, torch's FMA-contracted add (lion-pytorch's `mul_(beta1).add(grad, alpha=1 - beta1)`) and our
+    separately rounded multiply and add can give different signs, and that element's param then differs by
+    lr or 2 lr and keeps the offset (params do not feed back into Lion's momentum). Such near-ties are rare
+    with Gaussian grads, so: count the elements that differ beyond rounding and bound the count (1% of the
+    elements, at least 1), and bound how far a differing element may be off (a few flips' worth of lr)."""
+    total = differing = 0
+    for gi, (a, b, hp) in enumerate(zip(ours, ref, group_hparams)):
+        for i, (p, q) in enumerate(zip(a, b)):
+            if p.numel() == 0:
+                continue
+            diff = (p.detach().cpu().double() - q.detach().cpu().double()).abs()
+            bad = diff > tol * q.detach().double().abs().max().clamp_min(1.0)
+            differing += int(bad.sum())
+            total += p.numel()
+            assert diff.max().item() <= 4 * 2 * hp["lr"] + tol, f"{what}: group {gi} param {i}"
+    assert differing <= max(1, total // 100), f"{what}: {differing} of {total} params differ from lion-pytorch"
+    return differing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lion_vs_lion_pytorch(dtype):
+    steps = 100
+    runner, ours, (ref,), (oracle,) = run_vs_oracle("lion", dtype, LION_GROUPS, steps)
+    tol = F32_TOL if dtype == torch.float32 else F64_TOL
+    check_lion(ours, ref, LION_GROUPS, tol, f"lion {dtype}")
+    for st, qs in zip(runner.state, ref):  # the momentum never depends on a sign: rounding only
+        for m, q in zip(st["exp_avgs"], qs):
+            assert normwise_error(m, oracle.state[q]["exp_avg"]) <= tol
+
+
+# bfloat16 / float16: params and states are stored in 16 bits, so both we and torch (running the same 16-bit
+# tensors) drift from the exact trajectory. The reference is the oracle run in float64 from the same 16-bit
+# start with the same (16-bit) grads; our error against it must be within a small multiple of torch's own
+# error. We keep every intermediate of a step in float32 where torch rounds to 16 bits after each op, so ours
+# is usually the smaller; 2x + 2 ulps of the dtype absorbs the random walk of roundings on small tensors (a
+# wrong schedule entry or a missing bias correction is off by far more: 10-100x torch's error here).
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_vs_float64_reference(rule, dtype):
+    steps = 100
+    # eps 1e-4: torch's float16 AdamW adds eps to a float16 denominator, where 1e-8 rounds to 0 (and 0/0 is NaN)
+    hparams = {"adamw": [dict(g, eps=1e-4) for g in ADAMW_GROUPS["plain"]], "sgd": SGD_GROUPS["nesterov_maximize"],
+               "lion": LION_GROUPS}[rule]
+    _, ours, (ref64, torch16), _ = run_vs_oracle(rule, dtype, hparams, steps, oracle_dtypes=[torch.float64, dtype])
+    ulp = torch.finfo(dtype).eps
+    for gi, (a, b, c) in enumerate(zip(ours, ref64, torch16)):
+        for i, (p, q, r) in enumerate(zip(a, b, c)):
+            assert p.dtype == dtype
+            ours_err, torch_err = normwise_error(p, q), normwise_error(r, q)
+            assert ours_err <= 2 * torch_err + 2 * ulp, (
+                f"{rule} {dtype} group {gi} param {i} {tuple(p.shape)}: our error {ours_err:.3e}, "
+                f"torch's {torch_err:.3e}")
+
+
+# Master weights: bf16 / fp16 params with float32 master copies and float32 states. The master copy follows
+# the float32 oracle run from the same (16-bit) start with the same grads, and the param is the master rounded
+# to nearest-even.
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("dtype", LOW)
+def test_master_weights_vs_float32_oracle(rule, dtype):
+    steps = 60
+    hparams = {"adamw": ADAMW_GROUPS["amsgrad_maximize"], "sgd": SGD_GROUPS["dampening_wd"],
+               "lion": LION_GROUPS}[rule]
+    runner, ours, (ref,), _ = run_vs_oracle(rule, dtype, hparams, steps, master=True)
+    masters = [st["master"] for st in runner.state]
+    for gi, (ps, ms) in enumerate(zip(ours, masters)):
+        for p, m in zip(ps, ms):
+            assert p.dtype == dtype and m.dtype == torch.float32
+            assert_bitwise(p, m.to(dtype), f"group {gi}: param == master rounded")
+    for _, t in runner.states():
+        assert t.dtype in (torch.float32, torch.int64)
+    if rule == "lion":
+        check_lion(masters, ref, hparams, F32_TOL, f"lion master {dtype}")
+    else:
+        for gi, (ms, qs) in enumerate(zip(masters, ref)):
+            for i, (m, q) in enumerate(zip(ms, qs)):
+                assert normwise_error(m, q) <= F32_TOL, f"{rule} group {gi} master {i}: {normwise_error(m, q):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against the C++ CPU ops: the same rules.h, so every dtype must agree bit for bit, with every feature on
+# (schedule tables read past their end, AMP scale, clip coefficient, skipped steps, per-tensor step counts,
+# master weights).
+# ---------------------------------------------------------------------------------------------------------
+
+CPU_OP_GROUPS = {
+    "adamw": [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=True),
+              dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0)],
+    "sgd": [dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-2, maximize=True),
+            dict(lr=2e-2, momentum=0.9, nesterov=True), dict(lr=1e-2)],
+    "lion": LION_GROUPS,
+}
+
+
+def run_pair_vs_cpu_op(rule, dtype, steps, *, master=False, sizes=SIZES, skip_steps=(3, 7), seed=1,
+                       device=DEVICE, groups=None):
+    groups = groups or CPU_OP_GROUPS[rule]
+    base = make_params(sizes, dtype, seed, device="cpu")
+    idx = split(list(range(len(base))), len(groups))
+    runners = []
+    for impl, dev in ((OURS[rule], device), (cpu_op(rule), torch.device("cpu"))):
+        gs = [dict(hp, params=[base[i].clone().to(dev) for i in ix]) for hp, ix in zip(groups, idx)]
+        lr_t = [schedule_table(7, 0.5 * hp["lr"], 2 * hp["lr"], dev) for hp in groups]
+        mom_t = [None if not hp.get("momentum", hp.get("betas", (0,))[0]) else
+                 schedule_table(5, 0.8, 0.9, dev) for hp in groups]
+        r = Runner(rule, impl, gs, lr_tables=lr_t, mom_tables=mom_t, master=master, device=dev)
+        if rule == "adamw":  # per-tensor step counts that differ (params added at different times)
+            for st in r.state:
+                for k, s in enumerate(st["steps"]):
+                    s.fill_(5 * k)
+        runners.append(r)
+    scale = 1024.0
+    controls = [(torch.full((1,), scale, device=r.schedule_step.device),
+                 torch.zeros(1, device=r.schedule_step.device),
+                 torch.full((1,), 0.7, device=r.schedule_step.device)) for r in runners]
+    for t in range(steps):
+        grads = make_grads([p for g in runners[1].groups for p in g["params"]], t, seed)
+        skipped = t in skip_steps
+        for r, (gscale, found_inf, clip) in zip(runners, controls):
+            found_inf.fill_(1.0 if skipped else 0.0)
+            scaled = [(g.float() * scale).to(g.dtype).to(r.schedule_step.device) for g in grads]
+            r.step(split_like(scaled, r.groups), grad_scale=gscale, found_inf=found_inf, clip_coef=clip,
+                   skipped=skipped)
+    return runners
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_bitwise_equal_to_cpu_op(rule, dtype):
+    ours, ref = run_pair_vs_cpu_op(rule, dtype, 16, master=dtype in LOW and rule != "sgd")
+    for g_ours, g_ref in zip(ours.groups, ref.groups):
+        for p, q in zip(g_ours["params"], g_ref["params"]):
+            assert_bitwise(p, q, f"{rule} {dtype} param")
+    for (name, a), (_, b) in zip(ours.states(), ref.states()):
+        assert_bitwise(a, b, f"{rule} {dtype} {name}")
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+def test_many_rows_and_blocks_bitwise(rule, monkeypatch):
+    """Rows of 64 elements and blocks of 16 (interpreted) so that every tensor spans several rows, rows hold
+    several full blocks and tails of every length show up; still bit-equal to the CPU op."""
+    monkeypatch.setattr(launcher, "CHUNK", 64)
+    monkeypatch.setattr(launcher, "INTERPRET_BLOCK", 16)
+    sizes = [(0,), (1,), (63,), (64,), (65,), (129,), (7, 30)]
+    ours, ref = run_pair_vs_cpu_op(rule, torch.float32, 5, sizes=sizes, skip_steps=(2,))
+    assert ours.groups[0]["params"]  # non-trivial
+    for g_ours, g_ref in zip(ours.groups, ref.groups):
+        for p, q in zip(g_ours["params"], g_ref["params"]):
+            assert_bitwise(p, q, f"{rule} param")
+    for (name, a), (_, b) in zip(ours.states(), ref.states()):
+        assert_bitwise(a, b, f"{rule} {name}")
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+def test_unaligned_views_bitwise(rule):
+    """Params, grads and states that are views at odd element offsets of larger buffers: addresses are not
+    16-byte aligned, so the kernel runs without the alignment hint (ALIGNED=False)."""
+    sizes = [(5,), (97,), (300,)]
+
+    def views(dtype, device, fill=None):
+        out, buf = [], torch.zeros(1 + sum(math.prod(s) + 1 for s in sizes), dtype=dtype, device=device)
+        off = 1
+        for s in sizes:
+            n = math.prod(s)
+            out.append(buf[off:off + n].view(s))
+            off += n + 1
+        return out
+
+    results, aligned = [], []
+    for impl, dev in ((OURS[rule], DEVICE), (cpu_op(rule), torch.device("cpu"))):
+        params = views(torch.float32, dev)
+        for p, src in zip(params, make_params(sizes, torch.float32, 3, device="cpu")):
+            p.copy_(src)
+        s0, s1, s2 = views(torch.float32, dev), views(torch.float32, dev), views(torch.float32, dev)
+        steps = [torch.zeros((), dtype=torch.int64, device=dev) for _ in sizes]
+        for t in range(4):
+            grads = views(torch.float32, dev)
+            for g, src in zip(grads, make_grads(params, t, 3)):
+                g.copy_(src)
+            if rule == "adamw":
+                impl(params, grads, s0, s1, s2, steps, [], 1e-2, 0.9, 0.999, 1e-8, 0.01, True, False,
+                     None, None, None, None, None, None)
+            elif rule == "sgd":
+                impl(params, grads, s0, [], 1e-2, 0.9, 0.0, 0.01, True, False, t == 0,
+                     None, None, None, None, None, None)
+            else:
+                impl(params, grads, s0, [], 1e-3, 0.9, 0.99, 0.01, None, None, None, None, None, None)
+        results.append(params + s0 + s1 + s2 + steps)
+        if impl is OURS[rule]:
+            aligned.append(next(reversed(launcher._PLANS.values())).aligned)
+    assert aligned == [False]
+    for a, b in zip(*results):
+        assert_bitwise(a, b, rule)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# found_inf, grad_scale, clip_coef
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _snapshot(runner):
+    return [t.clone() for g in runner.groups for t in g["params"]] + [t.clone() for _, t in runner.states()]
+
+
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("value", [1.0, float("inf"), float("nan")])
+def test_found_inf_skips_everything(rule, value):
+    groups = [dict(CPU_OP_GROUPS[rule][0], params=make_params(SIZES, torch.float32, 4))]
+    runner = Runner(rule, OURS[rule], groups, master=False)
+    runner.step([make_grads(groups[0]["params"], 0, 4)])  # create SGD buffers, advance AdamW steps
+    before = _snapshot(runner)
+    found_inf = torch.full((1,), value, device=DEVICE)
+    runner.step([make_grads(groups[0]["params"], 1, 4)], found_inf=found_inf, skipped=True)
+    for a, b in zip(before, _snapshot(runner)):
+        assert_bitwise(b, a, f"{rule}: found_inf={value} must leave everything unchanged")
+    found_inf.zero_()
+    runner.step([make_grads(groups[0]["params"], 1, 4)], found_inf=found_inf)
+    changed = sum(int((a != b).any()) for a, b in zip(before, _snapshot(runner)))
+    assert changed > 0, "found_inf=0 must update"
+    if rule == "adamw":
+        assert [int(s) for s in runner.state[0]["steps"]] == [2] * len(SIZES)
+
+
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+def test_grad_scale_and_clip_equal_unscaling_the_grads(rule):
+    """grad_scale and clip_coef must act exactly like GradScaler.unscale_ (multiply by the float32 reciprocal
+    of the scale, computed in double) followed by clip_grad_norm_ (multiply by the coefficient)."""
+    scale, clip = 3.0, 0.37  # 1/3 is inexact: float32(1/3.0) must be what multiplies
+    runs = []
+    for use_controls in (True, False):
+        groups = [dict(CPU_OP_GROUPS[rule][0], params=make_params(SIZES, torch.float32, 5))]
+        runner = Runner(rule, OURS[rule], groups)
+        gs = torch.full((1,), scale, device=DEVICE)
+        cc = torch.full((1,), clip, device=DEVICE)
+        inv = torch.tensor(scale, dtype=torch.float64).reciprocal().float().to(DEVICE)  # GradScaler's inv_scale
+        for t in range(6):
+            grads = [g * scale for g in make_grads(groups[0]["params"], t, 5)]
+            if use_controls:
+                runner.step([grads], grad_scale=gs, clip_coef=cc)
+            else:
+                runner.step([[(g * inv) * cc for g in grads]])
+        runs.append(_snapshot(runner))
+    for a, b in zip(*runs):
+        assert_bitwise(a, b, rule)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AdamW step counts, the work table and its cache, argument checks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_adamw_steps_increment_once_per_call_and_per_tensor():
+    params = make_params([(1025,), (0,), (3,), (1025,)], torch.float32, 6)
+    st = [torch.full((), v, dtype=torch.int64, device=DEVICE) for v in (0, 7, 41, 1000)]
+    z = [torch.zeros_like(p) for p in params]
+    z2 = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        ft.adamw_(params, make_grads(params, 0), z, z2, [], st, [], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False,
+                  None, None, None, None, None, None)
+    assert [int(s) for s in st] == [3, 10, 44, 1003]
+
+
+def test_adamw_all_empty_tensors_still_count_steps():
+    params = [torch.zeros(0, device=DEVICE), torch.zeros(2, 0, device=DEVICE)]
+    st = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in params]
+    z = [torch.zeros_like(p) for p in params]
+    ft.adamw_(params, [torch.zeros_like(p) for p in params], z, z, [], st, [], 1e-3, 0.9, 0.999, 1e-8, 0.0,
+              False, False, None, None, None, None, None, None)
+    assert [int(s) for s in st] == [1, 1]
+    # and found_inf still stops them
+    ft.adamw_(params, [torch.zeros_like(p) for p in params], z, z, [], st, [], 1e-3, 0.9, 0.999, 1e-8, 0.0,
+              False, False, None, None, None, None, torch.ones(1, device=DEVICE), None)
+    assert [int(s) for s in st] == [1, 1]
+
+
+def test_empty_param_list_is_a_no_op():
+    ft.adamw_([], [], [], [], [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, None, None, None, None,
+              None, None)
+    ft.sgd_([], [], [], [], 1e-3, 0.0, 0.0, 0.0, False, False, True, None, None, None, None, None, None)
+    ft.lion_([], [], [], [], 1e-3, 0.9, 0.99, 0.0, None, None, None, None, None, None)
+
+
+class _LaunchCounter:
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_one_launch_per_call_and_cached_work_table(monkeypatch):
+    counter = _LaunchCounter(ft_sgd.sgd_kernel)
+    monkeypatch.setattr(ft_sgd, "sgd_kernel", counter)
+    monkeypatch.setattr(launcher, "AUTOTUNE", False)  # a GPU run counts launches of the kernel itself
+    params = make_params(SIZES, torch.float32, 7)
+    bufs = [torch.zeros_like(p) for p in params]
+    grads = make_grads(params, 0)
+
+    def call():
+        ft.sgd_(params, grads, bufs, [], 1e-2, 0.9, 0.0, 0.0, False, False, False, None, None, None, None,
+                None, None)
+
+    call()
+    plan = launcher.get_plan("fusedopt::sgd_", {launcher.F_PARAM: params, launcher.F_GRAD: grads,
+                                                 launcher.F_STATE0: bufs}, None, lambda: None)
+    n_rows = sum(-(-p.numel() // launcher.CHUNK) for p in params)
+    assert counter.grids == [(n_rows,)] and plan.n_rows == n_rows
+    call()
+    assert len(counter.grids) == 2
+    again = launcher.get_plan("fusedopt::sgd_", {launcher.F_PARAM: params, launcher.F_GRAD: grads,
+                                                  launcher.F_STATE0: bufs}, None, lambda: None)
+    assert again is plan  # same tensors: the cached table, nothing rebuilt or copied
+    # the rows: addresses offset to each row's first element, and the row's element count
+    rows = plan.rows.cpu()
+    r = 0
+    for p, g, b in zip(params, grads, bufs):
+        for start in range(0, p.numel(), launcher.CHUNK):
+            n = min(launcher.CHUNK, p.numel() - start)
+            assert rows[r, launcher.F_PARAM] == p.data_ptr() + 4 * start
+            assert rows[r, launcher.F_GRAD] == g.data_ptr() + 4 * start
+            assert rows[r, launcher.F_STATE0] == b.data_ptr() + 4 * start
+            assert rows[r, launcher.F_NUMEL] == n
+            r += 1
+    # a different grad tensor is a different table
+    grads2 = [g.clone() for g in grads]
+    ft.sgd_(params, grads2, bufs, [], 1e-2, 0.9, 0.0, 0.0, False, False, False, None, None, None, None, None,
+            None)
+    other = launcher.get_plan("fusedopt::sgd_", {launcher.F_PARAM: params, launcher.F_GRAD: grads2,
+                                                  launcher.F_STATE0: bufs}, None, lambda: None)
+    assert other is not plan and len(counter.grids) == 3
+
+
+def test_plan_cache_is_bounded_and_keeps_captured_tables(monkeypatch):
+    monkeypatch.setattr(launcher, "MAX_PLANS", 2)
+    monkeypatch.setattr(launcher, "_PLANS", type(launcher._PLANS)())
+    tensors = [[torch.zeros(5, device=DEVICE)] for _ in range(4)]
+    plans = [launcher.get_plan("test::cache", {launcher.F_PARAM: t, launcher.F_GRAD: t}, None, lambda: None)
+             for t in tensors[:1]]
+    plans[0].captured = True  # as get_plan marks a table used while a CUDA graph is being captured
+    plans += [launcher.get_plan("test::cache", {launcher.F_PARAM: t, launcher.F_GRAD: t}, None, lambda: None)
+              for t in tensors[1:]]
+    cached = list(launcher._PLANS.values())
+    assert len(cached) == 2 and plans[0] in cached and plans[3] in cached
+    launcher.clear_caches()
+    assert list(launcher._PLANS.values()) == [plans[0]]
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("case", ["grads_len", "state_dtype", "shape", "strides", "table_without_step",
+                                  "table_dtype", "found_inf_dtype", "steps_dtype", "mixed_params"])
+def test_bad_arguments_raise_like_the_cpu_op(case):
+    """The same checks as op_args.h, with the same messages (compared against the CPU op on CPU tensors)."""
+
+    def args(dev):
+        params = make_params([(3,), (4, 5)], torch.float32, 8, device=dev)
+        a = dict(params=params, grads=[torch.zeros_like(p) for p in params],
+                 exp_avgs=[torch.zeros_like(p) for p in params], exp_avg_sqs=[torch.zeros_like(p) for p in params],
+                 steps=[torch.zeros((), dtype=torch.int64, device=dev) for _ in params], lr_table=None,
+                 schedule_step=None, found_inf=None)
+        if case == "grads_len":
+            a["grads"] = a["grads"][:1]
+        elif case == "state_dtype":
+            a["exp_avgs"][1] = a["exp_avgs"][1].double()
+        elif case == "shape":
+            a["exp_avg_sqs"][1] = torch.zeros(5, 4, device=dev)
+        elif case == "strides":
+            a["grads"][1] = torch.zeros(5, 4, device=dev).t()
+        elif case == "table_without_step":
+            a["lr_table"] = torch.ones(3, dtype=torch.float64, device=dev)
+        elif case == "table_dtype":
+            a["lr_table"] = torch.ones(3, device=dev)
+            a["schedule_step"] = torch.zeros((), dtype=torch.int64, device=dev)
+        elif case == "found_inf_dtype":
+            a["found_inf"] = torch.zeros(1, dtype=torch.float64, device=dev)
+        elif case == "steps_dtype":
+            a["steps"][0] = torch.zeros((), device=dev)
+        elif case == "mixed_params":
+            a["params"][1] = a["params"][1].double()
+        return a
+
+    def call(impl, a):
+        impl(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], [], a["steps"], [], 1e-3, 0.9, 0.999,
+             1e-8, 0.0, False, False, a["lr_table"], None, a["schedule_step"], None, a["found_inf"], None)
+
+    with pytest.raises(RuntimeError) as expected:
+        call(torch.ops.fusedopt.adamw_, args("cpu"))
+    with pytest.raises(RuntimeError) as ours:
+        call(ft.adamw_, args(DEVICE))
+    # the C++ message, minus TORCH_CHECK's trailer and the device names
+    want = str(expected.value).splitlines()[0].replace("cpu", "")
+    got = str(ours.value).splitlines()[0].replace(str(DEVICE), "").replace("cpu", "")
+    assert got == want
+
+
+def test_is_available(monkeypatch):
+    if CUDA:
+        assert ft.is_available() == (True, "")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ft.is_available() == (True, "")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ok, why = ft.is_available()
+    assert not ok and "TRITON_INTERPRET=1" in why and "CUDA" in why
+
+
+def test_wrong_device_for_the_mode_is_an_error():
+    other = torch.device("cpu") if CUDA else None
+    if other is None:
+        pytest.skip("needs CUDA to have a device the interpreter refuses")
+    p = [torch.zeros(3)]
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
+        ft.lion_(p, p, p, [], 1e-3, 0.9, 0.99, 0.0, None, None, None, None, None, None)
+
+
+def test_autotune_benchmarks_only_on_scratch_buffers():
+    """The GPU launch path's tuning step, driven here through triton.autotune (under the interpreter when
+    there is no GPU, with a stand-in for the timer): the benchmark runs every config, on scratch buffers only
+    (the pre-hook guard refuses anything else), leaves the caller's tensors untouched, and the real launch
+    then runs once with the cached config."""
+    runs = []
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        runs.append(1)
+        return [float(len(runs)), 0.0, 0.0]  # the first config "wins"
+
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 256}), triton.Config({"BLOCK": 512})],
+                            key=launcher.TUNE_KEY + ["AMSGRAD"], pre_hook=launcher.tuning_guard,
+                            do_bench=fake_bench)(ft_adamw.adamw_kernel)
+    params = make_params([(3,), (1025,)], torch.float32, 15)
+    grads = make_grads(params, 0, 15)
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in params]
+    found_inf = torch.ones(1, device=DEVICE)  # set: a tuning run on live data would not even show otherwise
+    plan = launcher.get_plan("test::adamw", {launcher.F_PARAM: params, launcher.F_GRAD: grads,
+                                              launcher.F_STATE0: m, launcher.F_STATE1: v}, steps, lambda: None)
+    ctrl = launcher.controls("test", DEVICE, None, None, None, None, found_inf, None)
+    scalars = (1e-2, 0.9, 0.999, 1e-8, 0.0)
+    meta = launcher.kernel_meta(plan, ctrl, dict(launcher.common_meta(params, []), AMSGRAD=False, MAXIMIZE=False))
+    before = [t.clone() for t in params + m + v + steps]
+    with pytest.raises(Exception, match="benchmark on live tensors"):  # no tuning on a caller's tensors
+        tuned[(plan.n_rows,)](*launcher.kernel_args(plan, ctrl, scalars), **meta)
+    runs.clear()
+    launcher._tune(tuned, plan, ctrl, scalars, meta)
+    assert len(runs) == 2  # both configs benchmarked
+    for a, b in zip(before, params + m + v + steps):
+        assert_bitwise(b, a, "tuning must not touch the caller's tensors")
+    found_inf.zero_()
+    tuned[(plan.n_rows,)](*launcher.kernel_args(plan, ctrl, scalars), **meta)  # cached: no benchmark
+    assert len(runs) == 2 and [int(s) for s in steps] == [1, 1]
+    ref = [p.clone() for p in before[:2]]
+    ft.adamw_(ref, grads, [torch.zeros_like(p) for p in ref], [torch.zeros_like(p) for p in ref], [],
+              [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in ref], [], *scalars, False, False,
+              None, None, None, None, None, None)
+    for p, q in zip(params, ref):
+        assert_bitwise(p, q, "the tuned launch is the same update")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled kernels, checked without a GPU: compile every variant for sm_90 and read the PTX.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _can_compile_for_nvidia():
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+@pytest.mark.skipif(not _can_compile_for_nvidia(), reason="triton's NVIDIA backend (ptxas) is not installed")
+def test_compiled_kernels_keep_the_cpu_numerics():
+    """Compiles the three kernels (all dtypes, all controls on; and a variant with everything off) for sm_90
+    in a subprocess without TRITON_INTERPRET, and checks the PTX: no FMA and no contractible float add/mul
+    (the C++ kernels are built with -ffp-contract=off), IEEE division and square root only, round-to-nearest
+    conversions, 128-bit (or, for
+    float64, 2 x 64-bit) vector accesses when the addresses are aligned, and the atomic of AdamW's last
+    program."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, os.path.join(root, "tests", "triton_gpu", "compile_check.py")],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) >= 12
+    for r in results:
+        what = f"{r['kernel']} {r['constexprs']}"
+        assert r["fma"] == 0 and r["contractible"] == 0, what
+        assert r["div_approx"] == 0 and r["sqrt_approx"] == 0 and r["cvt_not_rn"] == 0, what
+        if r["constexprs"]["ALIGNED"] == "True":
+            assert (r["ld_v4"] if r["constexprs"]["P_DTYPE"] != "fp64" else r["ld_v2"]) > 0, what
+        if r["kernel"] == "adamw_kernel":
+            assert r["atom"] == 1 and r["sqrt_rn"] > 0 and r["div_rn"] > 0, what
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through the optimizer classes: a warmup-cosine schedule table against torch's LambdaLR.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _warmup_cosine_factor(total, warmup, min_factor):
+    def factor(t):
+        if t < warmup:
+            return t / warmup
+        if t >= total:
+            return min_factor
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+    return factor
+
+
+CLASS_CASES = {
+    "adamw": ("FusedAdamW", lambda groups, **kw: torch.optim.AdamW(groups, foreach=False, **kw),
+              [dict(lr=1e-2, weight_decay=1e-2), dict(lr=3e-3, weight_decay=0.0, amsgrad=True)],
+              dict(betas=(0.9, 0.99))),
+    "sgd": ("FusedSGD", lambda groups, **kw: torch.optim.SGD(groups, foreach=False, **kw),
+            [dict(lr=1e-2, momentum=0.9, nesterov=True), dict(lr=3e-2, momentum=0.8, dampening=0.1)],
+            dict(weight_decay=1e-3)),
+    "lion": ("FusedLion", lambda groups, **kw: Lion(groups, **kw), [dict(lr=1e-3), dict(lr=3e-4, weight_decay=1e-2)],
+             dict(betas=(0.9, 0.99))),
+}
+
+
+@pytest.mark.filterwarnings("ignore:fusedopt")  # "the schedule table ... read past its end": on purpose
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+def test_optimizer_class_with_warmup_cosine_vs_lambdalr(rule):
+    import fusedopt
+    from fusedopt import schedules
+
+    cls_name, oracle_factory, group_opts, defaults = CLASS_CASES[rule]
+    cls = getattr(fusedopt, cls_name, None)
+    if cls is None:
+        pytest.skip(f"fusedopt.{cls_name} is not exported yet")
+    total, warmup, min_factor, steps = 80, 10, 0.1, 100  # 100 steps: the table is read past its end
+    base = make_params(SIZES, torch.float32, 9, device="cpu")
+    idx = split(list(range(len(base))), 2)
+    ours_p = [base[i].clone().to(DEVICE).requires_grad_() for i in range(len(base))]
+    ref_p = [base[i].clone().requires_grad_() for i in range(len(base))]
+    ours = cls([dict(o, params=[ours_p[i] for i in ix]) for o, ix in zip(group_opts, idx)], **defaults,
+               schedule=schedules.warmup_cosine(total, warmup, min_factor), backend="triton")
+    oracle = oracle_factory([dict(o, params=[ref_p[i] for i in ix]) for o, ix in zip(group_opts, idx)], **defaults)
+    sched = torch.optim.lr_scheduler.LambdaLR(oracle, _warmup_cosine_factor(total, warmup, min_factor))
+    for t in range(steps):
+        grads = make_grads(base, t, 9)
+        for p, q, g in zip(ours_p, ref_p, grads):
+            p.grad = g.to(DEVICE)
+            q.grad = g.clone()
+        ours.step()
+        oracle.step()
+        sched.step()
+    ours_groups = [[ours_p[i] for i in ix] for ix in idx]
+    ref_groups = [[ref_p[i] for i in ix] for ix in idx]
+    if rule == "lion":
+        check_lion(ours_groups, ref_groups, [dict(lr=o["lr"]) for o in group_opts], F32_TOL, "FusedLion")
+    else:
+        for a, b in zip(ours_groups, ref_groups):
+            for p, q in zip(a, b):
+                assert normwise_error(p, q) <= F32_TOL, f"{cls_name}: {normwise_error(p, q):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU only: CUDA graphs, no host sync, large tensors with autotuning, the CUDA backend.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _groups_on(rule, sizes, dtype, seed, device):
+    base = make_params(sizes, dtype, seed, device="cpu")
+    hp = CPU_OP_GROUPS[rule]
+    return [dict(h, params=[base[i].clone().to(device) for i in ix]) for h, ix in zip(hp, split(list(range(len(base))), len(hp)))]
+
+
+def _tables(rule, device):
+    hp = CPU_OP_GROUPS[rule]
+    lr_t = [schedule_table(7, 0.5 * h["lr"], 2 * h["lr"], device) for h in hp]
+    mom_t = [None if not h.get("momentum", h.get("betas", (0,))[0]) else schedule_table(5, 0.8, 0.9, device)
+             for h in hp]
+    return lr_t, mom_t
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cuda_graph_capture_and_replay(rule, dtype):
+    """One captured step (the update and the schedule counter's increment) replayed with new grads, the
+    schedule advancing and found_inf set on some replays: bit-equal to the same steps run eagerly."""
+    dev = torch.device("cuda")
+    sizes = SIZES_BIG
+    runners = []
+    for _ in range(2):
+        lr_t, mom_t = _tables(rule, dev)
+        runners.append(Runner(rule, OURS[rule], _groups_on(rule, sizes, dtype, 11, dev), lr_tables=lr_t,
+                              mom_tables=mom_t, master=dtype in LOW, device=dev))
+    eager, graphed = runners
+    ctl = [(torch.full((1,), 8.0, device=dev), torch.zeros(1, device=dev), torch.full((1,), 0.9, device=dev))
+           for _ in runners]
+    flat_params = [p for g in eager.groups for p in g["params"]]
+
+    def grads_at(t):
+        return split_like(make_grads(flat_params, t, 11), eager.groups)
+
+    # warm-up (plans built, kernels tuned) on a side stream, as torch asks before capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for t in range(2):
+            graphed.step(grads_at(t), grad_scale=ctl[1][0], found_inf=ctl[1][1], clip_coef=ctl[1][2])
+    torch.cuda.current_stream().wait_stream(side)
+    for t in range(2):
+        eager.step(grads_at(t), grad_scale=ctl[0][0], found_inf=ctl[0][1], clip_coef=ctl[0][2])
+
+    static_grads = [[g.clone() for g in gg] for gg in grads_at(2)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step(static_grads, grad_scale=ctl[1][0], found_inf=ctl[1][1], clip_coef=ctl[1][2])
+    for t in range(2, 14):
+        skipped = t in (5, 9)
+        for (_, found_inf, _) in ctl:
+            found_inf.fill_(1.0 if skipped else 0.0)
+        for sg, gg in zip(static_grads, grads_at(t)):
+            for s, g in zip(sg, gg):
+                s.copy_(g)
+        graph.replay()
+        eager.step(grads_at(t), grad_scale=ctl[0][0], found_inf=ctl[0][1], clip_coef=ctl[0][2], skipped=skipped)
+    torch.cuda.synchronize()
+    assert int(graphed.schedule_step) == int(eager.schedule_step) == 14  # the trainer's counter, captured too
+    for ga, gb in zip(graphed.groups, eager.groups):
+        for p, q in zip(ga["params"], gb["params"]):
+            assert_bitwise(p, q, f"graph replay vs eager {rule} {dtype}")
+    for (name, a), (_, b) in zip(graphed.states(), eager.states()):
+        assert_bitwise(a, b, f"graph replay vs eager {rule} {dtype}: {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+def test_gpu_step_does_not_sync(rule):
+    dev = torch.device("cuda")
+    lr_t, mom_t = _tables(rule, dev)
+    runner = Runner(rule, OURS[rule], _groups_on(rule, SIZES_BIG, torch.float32, 12, dev), lr_tables=lr_t,
+                    mom_tables=mom_t, device=dev)
+    grads = split_like(make_grads([p for g in runner.groups for p in g["params"]], 0, 12), runner.groups)
+    controls = dict(grad_scale=torch.ones(1, device=dev), found_inf=torch.zeros(1, device=dev),
+                    clip_coef=torch.ones(1, device=dev))
+    runner.step(grads, **controls)  # warm: plan built, kernel tuned
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            runner.step(grads, **controls)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@needs_cpu_ops
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gpu_large_tensors_bitwise_vs_cpu_op(rule, dtype, monkeypatch):
+    """Compiled kernels, autotuned, on tensors of many rows (one of 1M + 3 elements): bit-equal to the CPU op."""
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(launcher, "AUTOTUNE", dtype in (torch.float32, torch.bfloat16))
+    sizes = SIZES_BIG + [(1 << 20) + 3, (513, 257)]
+    ours, ref = run_pair_vs_cpu_op(rule, dtype, 6, master=dtype in LOW and rule != "sgd", sizes=sizes,
+                                   skip_steps=(2,), seed=13)
+    for g_ours, g_ref in zip(ours.groups, ref.groups):
+        for p, q in zip(g_ours["params"], g_ref["params"]):
+            assert_bitwise(p, q, f"{rule} {dtype} param {tuple(p.shape)}")
+    for (name, a), (_, b) in zip(ours.states(), ref.states()):
+        assert_bitwise(a, b, f"{rule} {dtype} {name}")
+    if launcher.AUTOTUNE:
+        kernel = getattr({"adamw": ft_adamw, "sgd": ft_sgd, "lion": ft_lion}[rule], rule + "_kernel")
+        assert any(k[0] is kernel for k in launcher._TUNED), "the kernel was autotuned"
+
+
+def _has_cuda_backend():
+    try:
+        from fusedopt import _ops
+        return bool(_ops.HAS_CUDA_EXTENSION)
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gpu_agrees_with_cuda_backend(rule, dtype):
+    """Against torch.ops.fusedopt.* on CUDA tensors (the hand-written CUDA kernels). Both implement rules.h;
+    nvcc may contract a*b+c into FMAs where we do not, so float32/float64 agree to a few ulps (the float32
+    oracle tolerance), 16-bit results to one rounding of the dtype except at Lion's sign near-ties."""
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    if not _has_cuda_backend():
+        pytest.skip("fusedopt._cuda (the CUDA backend) is not built")
+    dev = torch.device("cuda")
+    runners = []
+    for impl in (OURS[rule], cpu_op(rule)):  # torch.ops dispatches to the CUDA kernels for CUDA tensors
+        lr_t, mom_t = _tables(rule, dev)
+        runners.append(Runner(rule, impl, _groups_on(rule, SIZES_BIG, dtype, 14, dev), lr_tables=lr_t,
+                              mom_tables=mom_t, master=dtype in LOW and rule == "adamw", device=dev))
+    flat = [p for g in runners[0].groups for p in g["params"]]
+    for t in range(20):
+        grads = split_like(make_grads(flat, t, 14), runners[0].groups)
+        for r in runners:
+            r.step(grads)
+    ours, theirs = runners
+    if dtype in (torch.float32, torch.float64):
+        tol = F32_TOL if dtype == torch.float32 else F64_TOL
+        if rule == "lion":
+            check_lion([g["params"] for g in ours.groups], [g["params"] for g in theirs.groups],
+                       CPU_OP_GROUPS[rule], tol, "lion vs CUDA backend")
+            return
+        for ga, gb in zip(ours.groups, theirs.groups):
+            for p, q in zip(ga["params"], gb["params"]):
+                assert normwise_error(p, q) <= tol
+    else:
+        total = off = 0
+        for ga, gb in zip(ours.groups, theirs.groups):
+            for p, q in zip(ga["params"], gb["params"]):
+                d = (p.double() - q.double()).abs()
+                off += int((d > 2 * torch.finfo(dtype).eps * q.double().abs().clamp_min(1e-3)).sum())
+                total += p.numel()
+        assert off <= max(1, total // 100), f"{off} of {total} elements differ by more than a rounding"

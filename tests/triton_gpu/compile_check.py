@@ -1,0 +1,102 @@
+"""Compiles the Triton backend's kernels for an NVIDIA target without a GPU and checks the generated PTX.
+
+Run as a script (TRITON_INTERPRET must be unset: the interpreter does not compile); prints one JSON object
+per kernel variant. tests/test_triton_backend.py runs it in a subprocess, so that CPU-only CI still checks
+that every compiled variant builds and keeps the numerics the C++ kernels have:
+  * no fused multiply-add (the C++ kernels are built with -ffp-contract=off),
+  * IEEE-rounded division and square root (div.rn / sqrt.rn, never div.full / div.approx / sqrt.approx),
+  * round-to-nearest-even float conversions (the static_casts of the C++ kernels),
+  * 128-bit global loads and stores when every address is 16-byte aligned.
+"""
+
+import json
+import os
+import re
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile_check needs the compiler, not the interpreter"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fusedopt.triton import adamw, lion, sgd  # noqa: E402
+
+POINTERS = {
+    "rows_ptr": "*i64", "step_addrs_ptr": "*i64", "done_ptr": "*i32",
+    "lr_table_ptr": "*fp64", "beta1_table_ptr": "*fp64", "momentum_table_ptr": "*fp64",
+    "schedule_step_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32",
+}
+ANNOTATED = {"n_tensors": "i64", "lr_table_len": "i64", "beta1_table_len": "i64", "momentum_table_len": "i64",
+             "SIZE_CLASS": "i32"}
+
+
+def signature(kernel, constexprs):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = POINTERS[name]
+        elif name in ANNOTATED:
+            sig[name] = ANNOTATED[name]
+        else:
+            sig[name] = "fp64"  # the hyperparameters
+    return sig
+
+
+def check(kernel, constexprs, capability=90, num_warps=4):
+    src = ASTSource(kernel, signature=signature(kernel, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"enable_fp_fusion": False, "num_warps": num_warps})
+    ptx = compiled.asm["ptx"]
+
+    def count(pattern):
+        return len(re.findall(pattern, ptx))
+
+    return {
+        "kernel": kernel.__name__,
+        "constexprs": {k: str(v) for k, v in constexprs.items()},
+        "fma": count(r"\bfma\.") + count(r"\bmad\.(rn\.)?f"),
+        "div_approx": count(r"\bdiv\.(full|approx)"),
+        "sqrt_approx": count(r"\bsqrt\.approx") + count(r"\brsqrt\."),
+        "div_rn": count(r"\bdiv\.rn\."),
+        "sqrt_rn": count(r"\bsqrt\.rn\."),
+        "ld_v4": count(r"\bld\.global(\.[a-z0-9_]+)*\.v4"),
+        "st_v4": count(r"\bst\.global(\.[a-z0-9_]+)*\.v4"),
+        "ld_v2": count(r"\bld\.global(\.[a-z0-9_]+)*\.v2"),
+        "atom": count(r"\batom\."),
+        # float conversions must round to nearest (even): no cvt.rz / cvt.rm / cvt.rp
+        "cvt_not_rn": count(r"\bcvt\.r[zmp]\b"),
+        # float add/sub/mul without an explicit rounding mode may be contracted into an FMA by ptxas
+        "contractible": count(r"\b(add|sub|mul)(\.(ftz|sat))*\.f(32|64)\b"),
+    }
+
+
+def variants():
+    f32, bf16, f16, f64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
+    controls = dict(HAS_LR_TABLE=True, HAS_MOM_TABLE=True, HAS_SCHEDULE_STEP=True, HAS_GRAD_SCALE=True,
+                    HAS_FOUND_INF=True, HAS_CLIP_COEF=True)
+    no_controls = {k: False for k in controls}
+    for p, s, t, master in ((f32, f32, f32, False), (bf16, f32, f32, True), (f16, f16, f32, False),
+                            (f64, f64, f64, False)):
+        dt = dict(P_DTYPE=p, S_DTYPE=s, T_DTYPE=t, HAS_MASTER=master, ALIGNED=True, SOFT_BF16=False, BLOCK=1024)
+        yield adamw.adamw_kernel, dict(dt, **controls, AMSGRAD=True, MAXIMIZE=True)
+        yield sgd.sgd_kernel, dict(dt, **controls, USE_MOMENTUM=True, FIRST_STEP=False, NESTEROV=True,
+                                   MAXIMIZE=False)
+        yield lion.lion_kernel, dict(dt, **controls)
+    dt = dict(P_DTYPE=f32, S_DTYPE=f32, T_DTYPE=f32, HAS_MASTER=False, ALIGNED=False, SOFT_BF16=False, BLOCK=512)
+    yield adamw.adamw_kernel, dict(dt, **no_controls, AMSGRAD=False, MAXIMIZE=False)
+    yield sgd.sgd_kernel, dict(dt, **no_controls, USE_MOMENTUM=False, FIRST_STEP=False, NESTEROV=False,
+                               MAXIMIZE=True)
+    yield sgd.sgd_kernel, dict(dt, **no_controls, USE_MOMENTUM=True, FIRST_STEP=True, NESTEROV=False,
+                               MAXIMIZE=False)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    for kernel, constexprs in variants():
+        if which == "quick" and constexprs["BLOCK"] != 1024:
+            continue
+        print(json.dumps(check(kernel, constexprs)), flush=True)
