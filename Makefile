@@ -22,7 +22,8 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)" ninja numpy
-	$(PIP) install --quiet pytest pytest-timeout expecttest lion-pytorch scikit-learn matplotlib
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)" pytest pytest-timeout expecttest lion-pytorch scikit-learn matplotlib \
+		transformers==5.23.0 accelerate==1.15.0 pytorch-lightning==2.6.6
 	touch $@
 
 # Builds fusedopt._C (CPU) and, when torch has CUDA and a toolkit is found, fusedopt._cuda.

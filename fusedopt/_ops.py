@@ -24,9 +24,19 @@ def _import(module: str) -> bool:
         return False
 
 
+from fusedopt import _version_check  # noqa: E402
+
+# A build for another torch release fails to load with "undefined symbol" (or worse); name both versions
+# instead: ImportError (a RuntimeWarning with FUSEDOPT_SKIP_VERSION_CHECK=1).
+_version_check.check_torch()
+
 HAS_CPU_EXTENSION = _import("fusedopt._C")
-# The CUDA kernels register under the schemas that _C defines, so _C must load first.
-HAS_CUDA_EXTENSION = HAS_CPU_EXTENSION and _import("fusedopt._cuda")
+# The CUDA kernels register under the schemas that _C defines, so _C must load first. A _cuda built for
+# another CUDA major version than the running torch's is reported instead of tried.
+_CUDA_MISMATCH = _version_check.cuda_mismatch()
+if _CUDA_MISMATCH is not None:
+    LOAD_ERRORS["fusedopt._cuda"] = _CUDA_MISMATCH
+HAS_CUDA_EXTENSION = HAS_CPU_EXTENSION and _CUDA_MISMATCH is None and _import("fusedopt._cuda")
 
 if HAS_CPU_EXTENSION:
 

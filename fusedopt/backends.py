@@ -57,8 +57,9 @@ def _status(name: str) -> Tuple[bool, str]:
             return True, ""
         if not _ops.HAS_CPU_EXTENSION:
             return _status("cpu")
-        if "fusedopt._cuda" in _ops.LOAD_ERRORS:
-            return False, f"fusedopt._cuda did not load ({_ops.LOAD_ERRORS['fusedopt._cuda']}); {_BUILD_HINT}"
+        error = _ops.LOAD_ERRORS.get("fusedopt._cuda", "")
+        if error and not error.startswith("ModuleNotFoundError: No module named 'fusedopt._cuda'"):
+            return False, f"fusedopt._cuda did not load ({error}); {_BUILD_HINT}"
         return False, ("fusedopt was built without CUDA kernels (torch without CUDA, no CUDA toolkit, or "
                        "FUSEDOPT_SKIP_CUDA=1); install a CUDA toolkit and " + _BUILD_HINT)
     return _triton_status()

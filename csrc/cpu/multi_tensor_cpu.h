@@ -45,6 +45,13 @@ template <typename Fn>
 void for_each_chunk(at::TensorList params, const Fn& fn) {
   const std::vector<WorkItem> items = plan_work(params);
   if (items.empty()) return;
+  int64_t total = 0;
+  for (const auto& item : items) total += item.end - item.begin;
+  if (total <= kChunkElements) {
+    // Less than one work item of elements: waking the thread pool costs more than the update itself.
+    for (const auto& item : items) fn(item.tensor, item.begin, item.end);
+    return;
+  }
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) fn(items[k].tensor, items[k].begin, items[k].end);
   });

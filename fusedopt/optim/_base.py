@@ -32,7 +32,9 @@ def check_number(name: str, value, *, minimum: float = None, below: float = None
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"{name} must be a float or a one-element floating tensor, got shape "
                              f"{tuple(value.shape)} dtype {value.dtype}")
-        return  # a device tensor is not read on the host (that would sync); the table path reads it
+        if value.device.type == "cpu":  # free to read here; a device tensor is not read (that would sync)
+            check_number(name, float(value), minimum=minimum, below=below)
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
@@ -64,8 +66,8 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def _dtensor_class():
-    """torch.distributed.tensor.DTensor once that module is loaded, else None: no DTensor can exist before it
-    is imported, so plain (non-distributed) training never imports it or pays for isinstance checks."""
+    """torch.distributed.tensor.DTensor once that module is loaded, else None (no DTensor can exist before
+    it is), without importing it: a torch built without distributed support has no such module."""
     module = sys.modules.get("torch.distributed.tensor")
     return None if module is None else module.DTensor
 
@@ -90,6 +92,18 @@ class _LocalState(dict):
             value = _dtensor_class().from_local(value, p.device_mesh, p.placements, run_check=False,
                                                 shape=p.shape, stride=p.stride())
         self._state[key] = value
+
+
+def _check_resolved(schedule, group_index: int, what: str, values: torch.Tensor, below) -> None:
+    """A resolved per-step table (factor x the group's lr, or momentum) must hold finite values in range."""
+    bad = ~torch.isfinite(values) | (values < 0)
+    if below is not None:
+        bad |= values >= below
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0])
+        bound = f"in [0, {below})" if below is not None else "finite and >= 0"
+        raise ValueError(f"schedule {getattr(schedule, 'name', '')!r}: the {what} of param group {group_index} at step "
+                         f"{t} is {values[t].item()} (must be {bound})")
 
 
 @dataclass
@@ -147,12 +161,38 @@ class FusedOptimizer(Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.norm_type = float(norm_type)
         self.master_weights = master_weights
-        self.last_grad_norm: Optional[torch.Tensor] = None
-        self._host_step = 0  # host mirror of the device schedule counters (completed steps)
-        self._warned_past_end = False
+        # host mirror of the device schedule counters (completed steps), the past-the-end warning, the last norm
+        self._host = {"step": 0, "warned": False, "last_grad_norm": None}
         self._tables: Dict[int, _GroupTables] = {}
         self._backend_cache: Dict[torch.device, backends.Backend] = {}
         super().__init__(params, defaults)
+
+    # Host-side bookkeeping lives in one dict: under torch.compile, Dynamo drops plain attribute assignments
+    # on an Optimizer object in a frame that ends without a graph break, but replays mutations of a dict.
+    @property
+    def _host_step(self) -> int:
+        return self._host["step"]
+
+    @_host_step.setter
+    def _host_step(self, value: int) -> None:
+        self._host["step"] = value
+
+    @property
+    def _warned_past_end(self) -> bool:
+        return self._host["warned"]
+
+    @_warned_past_end.setter
+    def _warned_past_end(self, value: bool) -> None:
+        self._host["warned"] = value
+
+    @property
+    def last_grad_norm(self) -> Optional[torch.Tensor]:
+        """The global grad norm of the last step with max_grad_norm set (a device tensor), else None."""
+        return self._host["last_grad_norm"]
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: Optional[torch.Tensor]) -> None:
+        self._host["last_grad_norm"] = value
 
     # ------------------------------------------------------------------------------------------------------
     # Param groups
@@ -215,6 +255,10 @@ class FusedOptimizer(Optimizer):
         if len(self._tables) == len(keys) and all(self._tables[i].key == k for i, k in enumerate(keys)):
             return
         resolved = self.schedule.resolve(self.param_groups, self.defaults)
+        for i, (lr, mom) in enumerate(resolved):
+            _check_resolved(self.schedule, i, "learning rate", lr, below=None)
+            if mom is not None:
+                _check_resolved(self.schedule, i, "momentum", mom, below=1.0)
         self._tables = {i: _GroupTables(keys[i], lr, mom) for i, (lr, mom) in enumerate(resolved)}
 
     def _device_tables(self, group_index: int, device: torch.device):
@@ -269,7 +313,7 @@ class FusedOptimizer(Optimizer):
         if self._host_step >= length and not self._warned_past_end:  # this step read past the end
             self._warned_past_end = True
             warnings.warn(f"fusedopt: the schedule table has {length} steps and step {self._host_step} read past "
-                          f"its end; its last entry holds from now on", stacklevel=3)
+                          f"its end; its last entry holds from now on", stacklevel=5)  # the caller of step()
         if not skipped:
             self._host_step += 1
 
@@ -431,11 +475,18 @@ class FusedOptimizer(Optimizer):
         buckets: Dict[tuple, List[torch.Tensor]] = {}  # process groups -> local norms (same order on every rank)
         for b in batches:
             groups = b.shard_groups or [()] * len(b.grads)
-            for n, key in zip(torch._foreach_norm(b.grads, norm_type, dtype=torch.float32), groups):
-                buckets.setdefault(key, []).append(n.to(first))
+            for key in groups:  # every rank opens the same buckets, even where its local shards are empty
+                buckets.setdefault(key, [])
+            # uneven sharding leaves some ranks empty shards; they add nothing (and have no inf-norm)
+            nonempty = [i for i, g in enumerate(b.grads) if g.numel()]
+            if nonempty:
+                norms = torch._foreach_norm([b.grads[i] for i in nonempty], norm_type, dtype=torch.float32)
+                for i, n in zip(nonempty, norms):
+                    buckets[groups[i]].append(n.to(first))
         parts = []
         for key, norms in buckets.items():
-            part = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+            part = (torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms
+                    else torch.zeros((), dtype=torch.float32, device=first))
             if key:
                 if math.isinf(norm_type):
                     for pg in key:
@@ -534,6 +585,12 @@ class FusedOptimizer(Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
                              f"{len(self.param_groups)}")
+        for k, saved in enumerate(saved_groups):
+            missing = sorted(key for key in self.defaults if key not in saved)
+            if missing:
+                raise ValueError(f"state_dict is not from a {type(self).__name__}-compatible optimizer: its param "
+                                 f"group {k} lacks {missing}")
+            self._check_group({**saved})
         index_to_param = {}
         for saved, group in zip(saved_groups, self.param_groups):
             if len(saved["params"]) != len(group["params"]):
@@ -598,6 +655,10 @@ class FusedOptimizer(Optimizer):
             # a checkpoint from torch.optim (or from a run without a schedule): the largest per-param step
             steps = [int(s["step"]) for s in self.state.values() if isinstance(s, dict) and "step" in s]
             step = max(steps) if steps else 0
+            if not steps and self.state:
+                warnings.warn(f"{type(self).__name__}.load_state_dict: the checkpoint has no schedule counter and no "
+                              f"per-param 'step' (e.g. from torch.optim.SGD or Lion); the schedule restarts at step 0 "
+                              f"(set param_groups[i]['schedule_step'] to resume elsewhere)", stacklevel=2)
         self._host_step = step
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])

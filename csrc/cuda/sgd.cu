@@ -1,0 +1,10 @@
+// The SGD (momentum, dampening, Nesterov) update kernels, one per dtype pair.
+#include "cuda/multi_tensor.cuh"
+
+namespace fusedopt {
+namespace cuda {
+
+FUSEDOPT_INSTANTIATE_RULE_KERNELS(SGDRule)
+
+}  // namespace cuda
+}  // namespace fusedopt

@@ -1,0 +1,259 @@
+"""One rank of the distributed tests (tests/test_distributed.py starts two of these on the gloo backend, CPU).
+
+    python tests/distributed/worker.py --rank R --world-size 2 --init-file F --out DIR [--scenarios a,b,...]
+
+Every scenario trains the same tiny model twice from the same initial weights and data, once with fusedopt
+and once with the reference (torch.optim, or lion-pytorch's Lion, driven by a LambdaLR that follows the same
+table), and saves what the test compares to DIR/rank{R}.pt: the full parameters of both runs (gathered with
+full_tensor() for FSDP2, only for the comparison), plus per-scenario extras. The worker asserts nothing: the
+test does, so a failure names the scenario, rank and tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import fusedopt
+from fusedopt import schedules
+from fusedopt.table_scheduler import TableScheduler
+
+STEPS = 8
+RESUME_AT = 3  # the checkpoint scenario saves after this many steps
+TABLE = schedules.warmup_cosine(STEPS, 2)
+
+
+def model_fn(outputs: int = 1) -> nn.Module:
+    """Shapes chosen so FSDP2 shards them unevenly over 2 ranks: (5, 7) -> 3 + 2 rows, and with one output
+    (1, 9) and (1,) -> all rows on rank 0 and an empty shard on rank 1."""
+    torch.manual_seed(1234)
+    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, outputs))
+
+
+def batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own data
+    x = torch.randn(6, 7, generator=g)
+    y = torch.randn(6, 1, generator=g)
+    return x, y
+
+
+def loss_fn(model, rank, step):
+    x, y = batch(rank, step)
+    return ((model(x) - y) ** 2).mean()  # broadcasts over the outputs
+
+
+# rule -> (fused class, reference factory, options)
+def references():
+    from lion_pytorch import Lion
+
+    return {
+        "adamw": (fusedopt.FusedAdamW, lambda ps, **kw: torch.optim.AdamW(ps, foreach=False, **kw),
+                  dict(lr=1e-2, weight_decay=0.1)),
+        "sgd": (fusedopt.FusedSGD, lambda ps, **kw: torch.optim.SGD(ps, foreach=False, **kw),
+                dict(lr=5e-2, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+        "lion": (fusedopt.FusedLion, lambda ps, **kw: Lion(ps, **kw), dict(lr=1e-3, weight_decay=0.1)),
+    }
+
+
+def table_lambda(t: int) -> float:
+    return TABLE.lr_at(t)
+
+
+def full_params(model):
+    out = []
+    for p in model.parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out.append(t.detach().clone())
+    return out
+
+
+def fsdp2(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def train(model, opt, rank, steps, sched=None, clip=None, start=0):
+    norms = []
+    for t in range(start, start + steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, rank, t).backward()
+        if clip is not None:
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), clip[0], norm_type=clip[1])
+            norms.append(float(total.full_tensor() if hasattr(total, "full_tensor") else total))
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return norms
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scenarios: each returns a dict saved under its name
+# ----------------------------------------------------------------------------------------------------------
+
+
+def scenario_ddp(rank, mesh, tmp):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for rule, (fused_cls, ref_factory, options) in references().items():
+        ours_model, ref_model = DDP(model_fn()), DDP(model_fn())
+        ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE)
+        ref = ref_factory(ref_model.parameters(), **options)
+        train(ours_model, ours, rank, STEPS)
+        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model)}
+    return out
+
+
+def scenario_fsdp2(rank, mesh, tmp):
+    out = {}
+    for rule, (fused_cls, ref_factory, options) in references().items():
+        ours_model, ref_model = fsdp2(model_fn(), mesh), fsdp2(model_fn(), mesh)
+        ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE)
+        ref = ref_factory(ref_model.parameters(), **options)
+        train(ours_model, ours, rank, STEPS)
+        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        state_types = sorted({type(v).__name__ for s in ours.state.values() for k, v in s.items() if k != "step"})
+        local_shapes = [tuple(p.to_local().shape) for p in ours_model.parameters()]
+        out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model),
+                     "state_types": state_types, "local_shapes": local_shapes}
+    return out
+
+
+def scenario_fsdp2_clip(rank, mesh, tmp):
+    """max_grad_norm inside the fused step vs clip_grad_norm_ on the FSDP2 model + torch.optim, with a
+    max norm small enough that every step clips."""
+    out = {}
+    refs = references()
+    # torch's clip_grad_norm_ cannot take the inf-norm of an empty local shard (_foreach_norm has no identity
+    # for max), so the inf-norm case uses a model whose shards are all non-empty; fusedopt handles both.
+    for name, rule, norm_type, outputs in (("adamw_l2", "adamw", 2.0, 1), ("sgd_inf", "sgd", math.inf, 2),
+                                           ("lion_l1", "lion", 1.0, 1)):
+        fused_cls, ref_factory, options = refs[rule]
+        ours_model, ref_model = fsdp2(model_fn(outputs), mesh), fsdp2(model_fn(outputs), mesh)
+        ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE, max_grad_norm=0.05, norm_type=norm_type)
+        ref = ref_factory(ref_model.parameters(), **options)
+        ours_norms = []
+        for t in range(STEPS):
+            ours.zero_grad(set_to_none=True)
+            loss_fn(ours_model, rank, t).backward()
+            ours.step()
+            ours_norms.append(float(ours.last_grad_norm))
+        ref_norms = train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda),
+                          clip=(0.05, norm_type))
+        out[name] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "fused_norms": ours_norms,
+                     "ref_norms": ref_norms, "lion": rule == "lion"}
+    return out
+
+
+def scenario_zero(rank, mesh, tmp):
+    """ZeroRedundancyOptimizer(optimizer_class=Fused*) with DDP vs DDP + the reference on all params."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for rule, (fused_cls, ref_factory, options) in references().items():
+        ours_model, ref_model = DDP(model_fn()), DDP(model_fn())
+        ours = ZeroRedundancyOptimizer(ours_model.parameters(), optimizer_class=fused_cls, schedule=TABLE, **options)
+        sched = TableScheduler(ours)
+        ref = ref_factory(ref_model.parameters(), **options)
+        logged = []
+        for t in range(STEPS):
+            ours.zero_grad(set_to_none=True)
+            loss_fn(ours_model, rank, t).backward()
+            ours.step()
+            sched.step()
+            logged.append(sched.get_last_lr()[0])
+        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        local = sum(p.numel() for g in ours.optim.param_groups for p in g["params"])
+        out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "logged_lr": logged,
+                     "local_numel": local, "total_numel": sum(p.numel() for p in ours_model.parameters())}
+    return out
+
+
+def scenario_dcp(rank, mesh, tmp):
+    """torch.distributed.checkpoint: save at step RESUME_AT, restore into a fresh FSDP2 model + optimizer,
+    finish the run; compare with the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    out = {}
+    refs = references()
+    for rule in ("adamw", "sgd", "lion"):
+        fused_cls, _, options = refs[rule]
+        path = os.path.join(tmp, f"ckpt_{rule}")
+        # uninterrupted, with a checkpoint taken on the way
+        model = fsdp2(model_fn(), mesh)
+        opt = fused_cls(model.parameters(), **options, schedule=TABLE, max_grad_norm=1.0)
+        train(model, opt, rank, RESUME_AT)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=path)
+        train(model, opt, rank, STEPS - RESUME_AT, start=RESUME_AT)
+        uninterrupted = full_params(model)
+        # resumed: fresh model and optimizer (the standard DCP flow: build the state dicts, load, set)
+        model2 = fsdp2(model_fn(), mesh)
+        opt2 = fused_cls(model2.parameters(), **options, schedule=TABLE, max_grad_norm=1.0)
+        state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model2, state["model"])
+        set_optimizer_state_dict(model2, opt2, state["optim"])
+        restored = {"host_step": opt2.schedule_step,
+                    "device_steps": [int(g["schedule_step"]) for g in opt2.param_groups],
+                    "last_lr": opt2.get_last_lr(), "expected_lr": [TABLE.lr_at(RESUME_AT) * options["lr"]],
+                    "state_types": sorted({type(v).__name__ for s in opt2.state.values()
+                                           for k, v in s.items() if k != "step"})}
+        train(model2, opt2, rank, STEPS - RESUME_AT, start=RESUME_AT)
+        out[rule] = {"fused": full_params(model2), "ref": uninterrupted, "restored": restored}
+    return out
+
+
+SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "fsdp2_clip": scenario_fsdp2_clip,
+             "zero": scenario_zero, "dcp": scenario_dcp}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--init-file", required=True, help="a path for the gloo FileStore (no TCP port to pick)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    # a rank that fails mid-scenario leaves the other in a collective: time out instead of hanging
+    dist.init_process_group("gloo", init_method=f"file://{args.init_file}", rank=args.rank,
+                            world_size=args.world_size, timeout=datetime.timedelta(seconds=120))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (args.world_size,))
+    tmp = os.path.join(args.out, "shared")
+    os.makedirs(tmp, exist_ok=True)
+    results = {}
+    for name in args.scenarios.split(","):
+        try:
+            results[name] = SCENARIOS[name](args.rank, mesh, tmp)
+        except Exception:  # recorded for the test to report; the other rank fails the same way or times out
+            results[name] = {"error": traceback.format_exc()}
+            traceback.print_exc()
+        dist.barrier()
+    torch.save(results, os.path.join(args.out, f"rank{args.rank}.pt"))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

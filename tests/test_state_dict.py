@@ -1,0 +1,420 @@
+"""Checkpoints: state_dict round trips with torch.optim / lion-pytorch, and exact resume with schedule tables.
+
+Tolerances against torch (float32, rtol=1e-6, atol=1e-6)
+    The scalars of every step (1 - lr*wd, lr / bias_correction1, sqrt(bias_correction2), 1 - beta, ...) are
+    computed in double and rounded to float once, exactly as torch does when it hands a Python float to a
+    float32 tensor op on its single-tensor (foreach=False) path; the element-wise operations also come in
+    torch's order. What still differs is FMA contraction: torch's vectorized CPU kernels compute
+    ``a + alpha * b`` (add with alpha, addcmul, addcdiv) with one rounding (fused multiply-add on AVX2 /
+    AVX512), fusedopt's kernels are built with -ffp-contract=off and round twice. That is at most one ulp
+    per operation and step, not a drift: after 100 steps the largest difference is ~2e-7 absolute on
+    O(1) params (a few ulps). rtol=1e-6 (~8 ulps) covers it; atol=1e-6 covers elements that pass close to
+    zero, where a 1-ulp absolute difference of a larger intermediate is a large *relative* one. A wrong
+    scalar (e.g. lr rounded to float before the division by the bias correction, a bias correction off by
+    one step, or a lost momentum buffer) shows up at 1e-4 .. 1e-1 and fails.
+
+    Lion moves every element by exactly +-lr, so it agrees with lion-pytorch to the bit unless a sign
+    flips; the same tolerance is used.
+
+Resume (fusedopt -> fusedopt) is compared bit for bit (torch.equal): the same kernels on the same inputs.
+"""
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from lion_pytorch import Lion
+
+from fusedopt import FusedAdamW, FusedLion, FusedSGD, schedules
+from fusedopt.schedules import ScheduleTable
+
+RTOL = 1e-6
+ATOL = 1e-6
+SHAPES = [(16, 8), (8,), (5, 3, 2), (7,)]
+N_STEPS = 50  # before and after the switch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Run the CPU kernels on one thread. Results do not depend on it: every tensor here is smaller than one
+    32 Ki-element work item, so threads would only split the list of tensors, not the arithmetic. But each
+    op call over >= 2 tensors opens an OpenMP parallel region, whatever the size; on a busy 2-core machine
+    that fork/join costs milliseconds per step (see the report on the CPU backend's small-group overhead)
+    and made this file several times slower than its budget."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_params(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def clone_params(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def make_grads(n, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(*s, generator=g).to(dtype) for s in SHAPES] for _ in range(n)]
+
+
+GRADS = make_grads(2 * N_STEPS)
+
+
+def groups(params, lr, wd):
+    # two groups with different hyperparameters, so a mix-up between groups shows
+    return [{"params": params[:2]}, {"params": params[2:], "lr": lr * 0.5, "weight_decay": wd * 2}]
+
+
+def run(opt, params, grads, sched=None):
+    for gl in grads:
+        for p, g in zip(params, gl):
+            p.grad = g.clone()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def through_bytes(obj):
+    """What a checkpoint does: serialize now (so later in-place updates do not leak in) and load back."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# name -> (torch-side factory, fusedopt factory, state keys)
+PAIRS = {
+    "adamw": (
+        lambda ps: torch.optim.AdamW(groups(ps, 1e-2, 0.1), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1,
+                                     foreach=False),
+        lambda ps: FusedAdamW(groups(ps, 1e-2, 0.1), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+        ("exp_avg", "exp_avg_sq"),
+    ),
+    "adamw_amsgrad": (
+        lambda ps: torch.optim.AdamW(groups(ps, 1e-2, 0.1), lr=1e-2, weight_decay=0.1, amsgrad=True,
+                                     foreach=False),
+        lambda ps: FusedAdamW(groups(ps, 1e-2, 0.1), lr=1e-2, weight_decay=0.1, amsgrad=True),
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    ),
+    "sgd_momentum": (
+        lambda ps: torch.optim.SGD(groups(ps, 1e-2, 1e-2), lr=1e-2, momentum=0.9, dampening=0.1,
+                                   weight_decay=1e-2, foreach=False),
+        lambda ps: FusedSGD(groups(ps, 1e-2, 1e-2), lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+        ("momentum_buffer",),
+    ),
+    "sgd_nesterov": (
+        lambda ps: torch.optim.SGD(groups(ps, 1e-2, 1e-2), lr=1e-2, momentum=0.9, nesterov=True,
+                                   weight_decay=1e-2, foreach=False),
+        lambda ps: FusedSGD(groups(ps, 1e-2, 1e-2), lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        ("momentum_buffer",),
+    ),
+    "lion": (
+        lambda ps: Lion(groups(ps, 1e-3, 0.1), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        lambda ps: FusedLion(groups(ps, 1e-3, 0.1), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        ("exp_avg",),
+    ),
+    "lion_decoupled": (
+        lambda ps: Lion(groups(ps, 1e-3, 1e-4), lr=1e-3, weight_decay=1e-4, decoupled_weight_decay=True),
+        lambda ps: FusedLion(groups(ps, 1e-3, 1e-4), lr=1e-3, weight_decay=1e-4, decoupled_weight_decay=True),
+        ("exp_avg",),
+    ),
+}
+
+
+def force_single_tensor(opt):
+    # a state_dict from fusedopt has no 'foreach'; torch then picks its default (False for CPU tensors
+    # anyway): pin the single-tensor path, the one fusedopt mirrors
+    if isinstance(opt, (torch.optim.AdamW, torch.optim.SGD)):
+        for g in opt.param_groups:
+            g["foreach"] = False
+
+
+def assert_match(params_a, opt_a, params_b, opt_b, keys, same_group_lr=True):
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=RTOL, atol=ATOL, msg=lambda m: f"param {i}: {m}")
+        for key in keys:
+            sa, sb = opt_a.state[a][key], opt_b.state[b][key]
+            assert sa.dtype == sb.dtype == torch.float32, key
+            torch.testing.assert_close(sa, sb, rtol=RTOL, atol=ATOL, msg=lambda m: f"param {i} {key}: {m}")
+        if "step" in opt_a.state[a] and "step" in opt_b.state[b]:
+            assert int(opt_a.state[a]["step"]) == int(opt_b.state[b]["step"])
+    if same_group_lr:
+        for ga, gb in zip(opt_a.param_groups, opt_b.param_groups):
+            assert ga["lr"] == gb["lr"]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_reference_to_fused_mid_training(pair):
+    make_ref, make_fused, keys = PAIRS[pair]
+    ref_params = make_params()
+    ref = make_ref(ref_params)
+    run(ref, ref_params, GRADS[:N_STEPS])
+
+    fused_params = clone_params(ref_params)
+    fused = make_fused(fused_params)
+    fused.load_state_dict(through_bytes(ref.state_dict()))
+    for p in fused_params:
+        state = fused.state[p]
+        assert set(keys) <= set(state)
+        if "step" in state:  # torch keeps a float32 step; fusedopt's kernels count in int64
+            assert state["step"].dtype == torch.int64 and int(state["step"]) == N_STEPS
+    assert_match(ref_params, ref, fused_params, fused, keys)  # identical right after the load
+
+    run(ref, ref_params, GRADS[N_STEPS:])
+    run(fused, fused_params, GRADS[N_STEPS:])
+    assert_match(ref_params, ref, fused_params, fused, keys)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_fused_to_reference_mid_training(pair):
+    make_ref, make_fused, keys = PAIRS[pair]
+    fused_params = make_params()
+    fused = make_fused(fused_params)
+    run(fused, fused_params, GRADS[:N_STEPS])
+
+    ref_params = clone_params(fused_params)
+    ref = make_ref(ref_params)
+    ref.load_state_dict(through_bytes(fused.state_dict()))
+    force_single_tensor(ref)
+    assert_match(fused_params, fused, ref_params, ref, keys)
+
+    run(ref, ref_params, GRADS[N_STEPS:])
+    run(fused, fused_params, GRADS[N_STEPS:])
+    assert_match(fused_params, fused, ref_params, ref, keys)
+
+
+@pytest.mark.parametrize("pair", ["adamw", "sgd_nesterov"])
+def test_round_trip_with_a_torch_scheduler_attached(pair):
+    """Mid-schedule in torch's sense: a torch LR scheduler on both sides; optimizer and scheduler state move
+    from torch to fusedopt and back, and the runs stay together."""
+    make_ref, make_fused, keys = PAIRS[pair]
+    sched_of = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3 * N_STEPS, eta_min=1e-4)
+    ref_params = make_params()
+    ref = make_ref(ref_params)
+    ref_sched = sched_of(ref)
+    run(ref, ref_params, GRADS[:N_STEPS], ref_sched)
+
+    fused_params = clone_params(ref_params)
+    fused = make_fused(fused_params)
+    fused_sched = sched_of(fused)
+    fused.load_state_dict(through_bytes(ref.state_dict()))
+    fused_sched.load_state_dict(ref_sched.state_dict())
+    run(ref, ref_params, GRADS[N_STEPS:], ref_sched)
+    run(fused, fused_params, GRADS[N_STEPS:], fused_sched)
+    assert_match(ref_params, ref, fused_params, fused, keys)
+    assert fused_sched.get_last_lr() == ref_sched.get_last_lr()
+
+    back_params = clone_params(fused_params)
+    back = make_ref(back_params)
+    back_sched = sched_of(back)
+    back.load_state_dict(through_bytes(fused.state_dict()))
+    back_sched.load_state_dict(fused_sched.state_dict())
+    force_single_tensor(back)
+    run(back, back_params, GRADS[:N_STEPS], back_sched)
+    run(fused, fused_params, GRADS[:N_STEPS], fused_sched)
+    assert_match(back_params, back, fused_params, fused, keys)
+
+
+def test_torch_adamw_checkpoint_into_a_table_schedule():
+    """A torch.optim.AdamW + LambdaLR checkpoint loaded into FusedAdamW(schedule=table with the same
+    factors): the schedule resumes at the checkpoint's step (the per-param 'step')."""
+    factor = lambda t: 0.5 * (1 + math.cos(math.pi * t / (2 * N_STEPS)))
+    ref_params = make_params()
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.1, foreach=False)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, factor)
+    run(ref, ref_params, GRADS[:N_STEPS], ref_sched)
+
+    fused_params = clone_params(ref_params)
+    table = ScheduleTable([factor(t) for t in range(2 * N_STEPS + 1)])
+    fused = FusedAdamW(fused_params, lr=1e-2, weight_decay=0.1, schedule=table)
+    fused.load_state_dict(through_bytes(ref.state_dict()))
+    assert fused.schedule_step == N_STEPS
+    assert int(fused.param_groups[0]["schedule_step"]) == N_STEPS
+    assert fused.get_last_lr() == pytest.approx(ref_sched.get_last_lr(), rel=1e-15)
+    for _ in range(N_STEPS):
+        run(ref, ref_params, GRADS[N_STEPS:N_STEPS + 1], ref_sched)
+        run(fused, fused_params, GRADS[N_STEPS:N_STEPS + 1])
+        assert fused.get_last_lr() == pytest.approx(ref_sched.get_last_lr(), rel=1e-12)
+    # (group["lr"] differs by design: torch's scheduler writes the current lr there, a table leaves it alone)
+    assert_match(ref_params, ref, fused_params, fused, ("exp_avg", "exp_avg_sq"), same_group_lr=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resume from a checkpoint with a schedule table: bit-identical to the uninterrupted run
+# --------------------------------------------------------------------------------------------------------
+TOTAL = 60
+HALF = TOTAL // 2
+
+
+def make_model(seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
+
+
+def model_groups(model, lr):
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [{"params": decay}, {"params": no_decay, "lr": lr * 3, "weight_decay": 0.0}]
+
+
+def batches(n, dtype=torch.float32):
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(8, 6, generator=g).to(dtype), torch.randn(8, 3, generator=g).to(dtype)) for _ in range(n)]
+
+
+DATA = batches(TOTAL)
+
+
+SCHEDULES = {
+    "warmup_cosine": lambda: schedules.warmup_cosine(TOTAL, warmup_steps=10, min_factor=0.1),
+    "one_cycle_momentum": lambda: schedules.one_cycle(TOTAL, pct_start=0.25),
+    "list": lambda: ScheduleTable(lr_factors=[1.0 / (1 + 0.1 * t) for t in range(TOTAL // 3)]),  # runs out
+    "baked_torch": lambda: schedules.from_lr_scheduler(
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[g["lr"] for g in o.param_groups],
+                                                      total_steps=TOTAL), TOTAL),
+}
+
+OPTIMIZERS = {
+    "adamw": lambda params, sched, **kw: FusedAdamW(params, lr=1e-2, weight_decay=0.1, schedule=sched, **kw),
+    "adamw_amsgrad_clip": lambda params, sched, **kw: FusedAdamW(
+        params, lr=1e-2, weight_decay=0.1, amsgrad=True, max_grad_norm=0.5, schedule=sched, **kw),
+    "sgd_nesterov": lambda params, sched, **kw: FusedSGD(params, lr=5e-2, momentum=0.9, nesterov=True,
+                                                         weight_decay=1e-3, schedule=sched, **kw),
+    "lion": lambda params, sched, **kw: FusedLion(params, lr=1e-3, weight_decay=0.1, schedule=sched, **kw),
+}
+
+
+def train(model, opt, data):
+    lrs = []
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        lrs.append(opt.get_last_lr())
+    return lrs
+
+
+def assert_states_equal(opt_a, params_a, opt_b, params_b):
+    for pa, pb in zip(params_a, params_b):
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert set(sa) == set(sb)
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype, k
+            assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("sched", SCHEDULES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_resume_is_bit_identical(name, sched):
+    make_opt = OPTIMIZERS[name]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fusedopt: the schedule table")
+        model = make_model(0)
+        opt = make_opt(model_groups(model, 1e-2 if name != "lion" else 1e-3), SCHEDULES[sched]())
+        train(model, opt, DATA[:HALF])
+        ckpt = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, ckpt)
+        lr_at_save = opt.get_last_lr()
+        mom_at_save = opt.get_last_momentum()
+        lrs_a = train(model, opt, DATA[HALF:])
+
+        model_b = make_model(1)  # other init: only the checkpoint may carry over
+        opt_b = make_opt(model_groups(model_b, 1e-2 if name != "lion" else 1e-3), SCHEDULES[sched]())
+        assert opt_b.schedule_step == 0
+        ckpt.seek(0)
+        loaded = torch.load(ckpt, weights_only=True)
+        model_b.load_state_dict(loaded["model"])
+        opt_b.load_state_dict(loaded["opt"])
+
+        assert opt_b.schedule_step == HALF
+        for group in opt_b.param_groups:
+            step = group["schedule_step"]
+            assert isinstance(step, torch.Tensor) and step.dtype == torch.int64 and int(step) == HALF
+        assert opt_b.get_last_lr() == lr_at_save
+        assert opt_b.get_last_momentum() == mom_at_save
+        lrs_b = train(model_b, opt_b, DATA[HALF:])
+
+    assert lrs_b == lrs_a
+    assert opt_b.schedule_step == opt.schedule_step == TOTAL
+    for group_a, group_b in zip(opt.param_groups, opt_b.param_groups):
+        assert int(group_b["schedule_step"]) == int(group_a["schedule_step"]) == TOTAL
+    for (n, a), b in zip(model.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), n
+    assert_states_equal(opt, list(model.parameters()), opt_b, list(model_b.parameters()))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd_nesterov", "lion"])
+def test_master_weights_survive_save_and_load(name):
+    """bfloat16 params with float32 master copies and float32 states: torch's load_state_dict would cast
+    the floating state to the param dtype (bf16); the master copy must come back float32 and bit-identical,
+    and training must continue exactly as without the interruption."""
+    make_opt = OPTIMIZERS[name]
+    data = batches(TOTAL, torch.bfloat16)
+    lr = 1e-2 if name != "lion" else 1e-3
+    model = make_model(0, torch.bfloat16)
+    opt = make_opt(model_groups(model, lr), schedules.warmup_cosine(TOTAL, 5), master_weights=True)
+    train(model, opt, data[:HALF])
+    params = list(model.parameters())
+    masters = [opt.state[p]["master_param"] for p in params]
+    assert all(m.dtype == torch.float32 for m in masters)
+    # the master copy holds more than the bf16 param (otherwise the test proves nothing)
+    assert any(not torch.equal(m, p.detach().float()) for m, p in zip(masters, params))
+    ckpt = through_bytes({"model": model.state_dict(), "opt": opt.state_dict()})
+    saved_states = copy.deepcopy({i: dict(opt.state[p]) for i, p in enumerate(params)})
+    train(model, opt, data[HALF:])
+
+    model_b = make_model(1, torch.bfloat16)
+    opt_b = make_opt(model_groups(model_b, lr), schedules.warmup_cosine(TOTAL, 5), master_weights=True)
+    model_b.load_state_dict(ckpt["model"])
+    opt_b.load_state_dict(ckpt["opt"])
+    params_b = list(model_b.parameters())
+    for i, p in enumerate(params_b):
+        state = opt_b.state[p]
+        assert set(state) == set(saved_states[i])
+        for key, value in saved_states[i].items():
+            assert state[key].dtype == value.dtype, key
+            assert torch.equal(state[key], value), key
+        assert state["master_param"].dtype == torch.float32
+        if "step" in state:
+            assert state["step"].dtype == torch.int64
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            if key in state:
+                assert state[key].dtype == torch.float32, key
+    train(model_b, opt_b, data[HALF:])
+    for a, b in zip(params, params_b):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert torch.equal(a, b)
+    assert_states_equal(opt, params, opt_b, params_b)
+
+
+def test_state_dict_without_schedule_loads_into_a_schedule():
+    """A fusedopt checkpoint from a run without a table (no 'schedule_step' in its groups) resumes a table
+    at the per-param step count, like a torch.optim checkpoint."""
+    params = make_params()
+    opt = FusedAdamW(params, lr=1e-2)
+    run(opt, params, GRADS[:10])
+    params_b = clone_params(params)
+    opt_b = FusedAdamW(params_b, lr=1e-2, schedule=schedules.warmup_cosine(40, 5))
+    opt_b.load_state_dict(through_bytes(opt.state_dict()))
+    assert opt_b.schedule_step == 10
+    assert int(opt_b.param_groups[0]["schedule_step"]) == 10
+    assert opt_b.get_last_lr() == [pytest.approx(1e-2 * schedules.warmup_cosine(40, 5).lr_at(10), rel=1e-15)]
+
+
+def test_schedule_checkpoint_loads_without_schedule():
+    """And the other way: a table run's checkpoint into schedule=None drops the device counter."""
+    params = make_params()
+    opt = FusedSGD(params, lr=1e-2, momentum=0.9, schedule=schedules.warmup_cosine(40, 5))
+    run(opt, params, GRADS[:10])
+    params_b = clone_params(params)
+    opt_b = FusedSGD(params_b, lr=1e-2, momentum=0.9)
+    opt_b.load_state_dict(through_bytes(opt.state_dict()))
+    assert all("schedule_step" not in g for g in opt_b.param_groups)
+    run(opt_b, params_b, GRADS[10:12])
