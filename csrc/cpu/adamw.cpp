@@ -62,23 +62,10 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
-  constexpr const char* op = "fusedopt::adamw_";
-  check_params(op, params);
-  if (params.empty()) return;
-  const auto sdtype = state_dtype(params, master_params);
-  check_list(op, "grads", params, grads, true, params[0].scalar_type());
-  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
-  check_list(op, "exp_avg_sqs", params, exp_avg_sqs, true, sdtype);
-  check_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, amsgrad, sdtype);
-  check_list(op, "master_params", params, master_params, false, at::kFloat);
-  TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(), " tensors but params has ",
-              params.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kLong && steps[i].device().is_cpu(),
-                op, ": steps[", i, "] must be a one-element int64 tensor on the params' device");
+  if (!check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad,
+                        lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef)) {
+    return;
   }
-  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
-
   const int64_t* step = optional_ptr<int64_t>(schedule_step);
   const double lr_now = read_table(table_view(lr_table, lr), step);
   const double beta1_now = read_table(table_view(beta1_table, beta1), step);

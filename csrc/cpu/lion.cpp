@@ -43,14 +43,10 @@ void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
               const OptionalTensor& beta1_table, const OptionalTensor& schedule_step,
               const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
               const OptionalTensor& clip_coef) {
-  constexpr const char* op = "fusedopt::lion_";
-  check_params(op, params);
-  if (params.empty()) return;
-  const auto sdtype = state_dtype(params, master_params);
-  check_list(op, "grads", params, grads, true, params[0].scalar_type());
-  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
-  check_list(op, "master_params", params, master_params, false, at::kFloat);
-  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+  if (!check_lion_args(params, grads, exp_avgs, master_params, lr_table, beta1_table, schedule_step, grad_scale,
+                       found_inf, clip_coef)) {
+    return;
+  }
 
   const int64_t* step = optional_ptr<int64_t>(schedule_step);
   const double lr_now = read_table(table_view(lr_table, lr), step);

@@ -94,23 +94,5 @@ inline bool read_grad_transform(const std::optional<at::Tensor>& grad_scale,
   return true;
 }
 
-template <typename X>
-struct TypeTag {
-  using type = X;
-};
-
-// Calls fn(TypeTag<param_t>{}, TypeTag<state_t>{}) for the params' dtype; states (and master params) are
-// float32 in master-weight mode, else the params' dtype. The one dtype switch of the CPU backend.
-template <typename Fn>
-void dispatch_param_state(at::ScalarType param_dtype, bool master, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedopt_cpu", [&] {
-    if (master) {
-      fn(TypeTag<scalar_t>{}, TypeTag<float>{});
-    } else {
-      fn(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
-    }
-  });
-}
-
 }  // namespace cpu
 }  // namespace fusedopt

@@ -28,24 +28,6 @@
 namespace fusedopt {
 namespace cuda {
 
-template <typename X>
-struct TypeTag {
-  using type = X;
-};
-
-// Calls fn(TypeTag<param_t>{}, TypeTag<state_t>{}): states and master params are float32 in master-weight
-// mode, else of the params' dtype (the CPU backend's dispatch_param_state).
-template <typename Fn>
-void dispatch_param_state(at::ScalarType param_dtype, bool master, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedopt_cuda", [&] {
-    if (master) {
-      fn(TypeTag<scalar_t>{}, TypeTag<float>{});
-    } else {
-      fn(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
-    }
-  });
-}
-
 inline Controls make_controls(const OptionalTensor& lr_table, double lr, const OptionalTensor& momentum_table,
                               double momentum, const OptionalTensor& schedule_step,
                               const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
@@ -92,24 +74,10 @@ void adamw_impl(Launcher& launcher, TensorList params, TensorList grads, TensorL
                 bool maximize, const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                 const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                 const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
-  constexpr const char* op = "fusedopt::adamw_";
-  check_params(op, params);
-  if (params.empty()) return;
-  const auto sdtype = state_dtype(params, master_params);
-  check_list(op, "grads", params, grads, true, params[0].scalar_type());
-  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
-  check_list(op, "exp_avg_sqs", params, exp_avg_sqs, true, sdtype);
-  check_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, amsgrad, sdtype);
-  check_list(op, "master_params", params, master_params, false, at::kFloat);
-  TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(), " tensors but params has ",
-              params.size());
-  for (std::size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kLong &&
-                    steps[i].device() == params[0].device(),
-                op, ": steps[", i, "] must be a one-element int64 tensor on the params' device (",
-                params[0].device(), ")");
+  if (!check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad,
+                        lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef)) {
+    return;
   }
-  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
 
   AdamWArgs args{};
   args.ctl = make_controls(lr_table, lr, beta1_table, beta1, schedule_step, grad_scale, found_inf, clip_coef);
@@ -149,14 +117,10 @@ void sgd_impl(Launcher& launcher, TensorList params, TensorList grads, TensorLis
               bool nesterov, bool maximize, bool first_step, const OptionalTensor& lr_table,
               const OptionalTensor& momentum_table, const OptionalTensor& schedule_step,
               const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
-  constexpr const char* op = "fusedopt::sgd_";
-  check_params(op, params);
-  if (params.empty()) return;
-  const auto sdtype = state_dtype(params, master_params);
-  check_list(op, "grads", params, grads, true, params[0].scalar_type());
-  check_list(op, "momentum_buffers", params, momentum_buffers, false, sdtype);
-  check_list(op, "master_params", params, master_params, false, at::kFloat);
-  check_controls(op, params, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef);
+  if (!check_sgd_args(params, grads, momentum_buffers, master_params, lr_table, momentum_table, schedule_step,
+                      grad_scale, found_inf, clip_coef)) {
+    return;
+  }
 
   const bool use_momentum = !momentum_buffers.empty();
   SGDArgs args{};
@@ -188,14 +152,10 @@ void lion_impl(Launcher& launcher, TensorList params, TensorList grads, TensorLi
                const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
-  constexpr const char* op = "fusedopt::lion_";
-  check_params(op, params);
-  if (params.empty()) return;
-  const auto sdtype = state_dtype(params, master_params);
-  check_list(op, "grads", params, grads, true, params[0].scalar_type());
-  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
-  check_list(op, "master_params", params, master_params, false, at::kFloat);
-  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+  if (!check_lion_args(params, grads, exp_avgs, master_params, lr_table, beta1_table, schedule_step, grad_scale,
+                       found_inf, clip_coef)) {
+    return;
+  }
 
   LionArgs args{};
   args.ctl = make_controls(lr_table, lr, beta1_table, beta1, schedule_step, grad_scale, found_inf, clip_coef);

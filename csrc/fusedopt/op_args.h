@@ -3,6 +3,7 @@
 // these checks protect direct calls of torch.ops.fusedopt.* and keep the kernels' assumptions explicit.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
@@ -112,6 +113,85 @@ inline const T* optional_ptr(const OptionalTensor& t) {
 inline TableView table_view(const OptionalTensor& table, double fallback) {
   if (!table.has_value()) return TableView{nullptr, 0, fallback};
   return TableView{table->data_ptr<double>(), table->numel(), fallback};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The argument checks of each op, shared by its CPU and CUDA implementations. Each returns false when the
+// call has no tensors (nothing to do).
+// ---------------------------------------------------------------------------------------------------------
+inline bool check_adamw_args(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                             TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params, bool amsgrad,
+                             const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
+                             const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
+                             const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+  constexpr const char* op = "fusedopt::adamw_";
+  check_params(op, params);
+  if (params.empty()) return false;
+  const auto sdtype = state_dtype(params, master_params);
+  check_list(op, "grads", params, grads, true, params[0].scalar_type());
+  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
+  check_list(op, "exp_avg_sqs", params, exp_avg_sqs, true, sdtype);
+  check_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, amsgrad, sdtype);
+  check_list(op, "master_params", params, master_params, false, at::kFloat);
+  TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(), " tensors but params has ",
+              params.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kLong &&
+                    steps[i].device() == params[0].device(),
+                op, ": steps[", i, "] must be a one-element int64 tensor on the params' device (",
+                params[0].device(), ")");
+  }
+  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+  return true;
+}
+
+inline bool check_sgd_args(TensorList params, TensorList grads, TensorList momentum_buffers,
+                           TensorList master_params, const OptionalTensor& lr_table,
+                           const OptionalTensor& momentum_table, const OptionalTensor& schedule_step,
+                           const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                           const OptionalTensor& clip_coef) {
+  constexpr const char* op = "fusedopt::sgd_";
+  check_params(op, params);
+  if (params.empty()) return false;
+  const auto sdtype = state_dtype(params, master_params);
+  check_list(op, "grads", params, grads, true, params[0].scalar_type());
+  check_list(op, "momentum_buffers", params, momentum_buffers, false, sdtype);
+  check_list(op, "master_params", params, master_params, false, at::kFloat);
+  check_controls(op, params, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef);
+  return true;
+}
+
+inline bool check_lion_args(TensorList params, TensorList grads, TensorList exp_avgs, TensorList master_params,
+                            const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
+                            const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
+                            const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+  constexpr const char* op = "fusedopt::lion_";
+  check_params(op, params);
+  if (params.empty()) return false;
+  const auto sdtype = state_dtype(params, master_params);
+  check_list(op, "grads", params, grads, true, params[0].scalar_type());
+  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
+  check_list(op, "master_params", params, master_params, false, at::kFloat);
+  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+  return true;
+}
+
+template <typename X>
+struct TypeTag {
+  using type = X;
+};
+
+// Calls fn(TypeTag<param_t>{}, TypeTag<state_t>{}) for the params' dtype; states (and master params) are
+// float32 in master-weight mode, else the params' dtype. The one dtype switch of the CPU and CUDA ops.
+template <typename Fn>
+void dispatch_param_state(at::ScalarType param_dtype, bool master, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedopt", [&] {
+    if (master) {
+      fn(TypeTag<scalar_t>{}, TypeTag<float>{});
+    } else {
+      fn(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
+    }
+  });
 }
 
 }  // namespace fusedopt
