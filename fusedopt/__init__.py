@@ -9,6 +9,7 @@ from fusedopt import _ops  # noqa: F401  (loads the compiled ops and their fake 
 from fusedopt import schedules
 from fusedopt.backends import BackendUnavailable
 from fusedopt.optim import FusedAdamW, FusedLion, FusedSGD
+from fusedopt.lr_finder import find_lr
 from fusedopt.table_scheduler import TableScheduler
 
-__all__ = ["FusedAdamW", "FusedSGD", "FusedLion", "TableScheduler", "schedules", "BackendUnavailable", "__version__"]
+__all__ = ["FusedAdamW", "FusedSGD", "FusedLion", "TableScheduler", "find_lr", "schedules", "BackendUnavailable", "__version__"]

@@ -1,6 +1,8 @@
 // fusedopt::adamw_ on CPU: one parallel pass over every tensor of a param group.
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu/multi_tensor_cpu.h"
 #include "fusedopt/op_args.h"
 
@@ -10,11 +12,12 @@ namespace {
 
 // One contiguous range of one tensor. Loop-invariant choices are template parameters and all pointers are
 // restrict, so the loop vectorizes.
-template <bool kMaster, bool kAmsgrad, typename P, typename S, typename T>
+template <bool kMaster, bool kAmsgrad, bool kLerpSmallWeight, typename P, typename S, typename T>
 FUSEDOPT_CPU_CLONES void adamw_range(P* __restrict__ param, S* __restrict__ master, const P* __restrict__ grad,
                                      S* __restrict__ m, S* __restrict__ v, S* __restrict__ vmax, int64_t n,
                                      AdamWScalars<T> s, const GradTransform<T> transform) {
   s.amsgrad = kAmsgrad;
+  s.lerp_small_weight = kLerpSmallWeight;  // a constant: no control flow left in the loop (bf16 needs that)
   for (int64_t j = 0; j < n; ++j) {
     T p = load_param<kMaster, T>(param, master, j);
     const T g = transform_grad(static_cast<T>(grad[j]), transform);
@@ -46,12 +49,25 @@ void adamw_typed(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
     S* v = exp_avg_sqs[i].data_ptr<S>() + begin;
     S* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<S>() + begin : nullptr;
     const int64_t n = end - begin;
+    // the loop-invariant choices become template arguments
+    auto run = [&](auto master_tag, auto amsgrad_tag, auto small_tag) {
+      adamw_range<decltype(master_tag)::value, decltype(amsgrad_tag)::value, decltype(small_tag)::value>(
+          param, mp, grad, m, v, vmax, n, s, transform);
+    };
+    using True = std::true_type;
+    using False = std::false_type;
     if (master) {
-      amsgrad ? adamw_range<true, true>(param, mp, grad, m, v, vmax, n, s, transform)
-              : adamw_range<true, false>(param, mp, grad, m, v, vmax, n, s, transform);
+      if (amsgrad) {
+        s.lerp_small_weight ? run(True{}, True{}, True{}) : run(True{}, True{}, False{});
+      } else {
+        s.lerp_small_weight ? run(True{}, False{}, True{}) : run(True{}, False{}, False{});
+      }
     } else {
-      amsgrad ? adamw_range<false, true>(param, mp, grad, m, v, vmax, n, s, transform)
-              : adamw_range<false, false>(param, mp, grad, m, v, vmax, n, s, transform);
+      if (amsgrad) {
+        s.lerp_small_weight ? run(False{}, True{}, True{}) : run(False{}, True{}, False{});
+      } else {
+        s.lerp_small_weight ? run(False{}, False{}, True{}) : run(False{}, False{}, False{});
+      }
     }
   });
 }

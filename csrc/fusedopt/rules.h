@@ -36,14 +36,19 @@ template <typename T>
 FUSEDOPT_HD T transform_grad(T g, const GradTransform<T>& t) {
   g = g * t.inv_scale;
   g = g * t.clip_coef;
-  return t.maximize ? -g : g;
+  return g * (t.maximize ? T(-1) : T(1));  // exact negation, and no branch in the element loop
 }
 
-// torch's lerp: two formulas so that weight 0 and weight 1 are both exact.
+// torch's lerp: two formulas so that weight 0 and weight 1 are both exact. Which one applies depends only
+// on the weight, so kernels decide it once (lerp_weight_is_small) and pass it in.
 template <typename T>
-FUSEDOPT_HD T lerp(T self, T end, T weight) {
-  return (weight < T(0.5) && weight > T(-0.5)) ? self + weight * (end - self)
-                                              : end - (end - self) * (T(1) - weight);
+FUSEDOPT_HD bool lerp_weight_is_small(T weight) {
+  return weight < T(0.5) && weight > T(-0.5);
+}
+
+template <typename T>
+FUSEDOPT_HD T lerp(T self, T end, T weight, bool small_weight) {
+  return small_weight ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
 }
 
 // torch.sign: sign(0) == 0, sign(NaN) == 0 (a NaN never moves a Lion parameter).
@@ -77,6 +82,7 @@ struct AdamWScalars {
   T bias_correction2_sqrt;  // sqrt(1 - beta2^step)
   T eps;
   bool amsgrad;
+  bool lerp_small_weight;  // lerp_weight_is_small(one_minus_beta1)
 };
 
 // lr and beta1 are the values for this step (the schedule may have replaced them); step counts from 1.
@@ -94,6 +100,7 @@ FUSEDOPT_HD AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double b
   s.bias_correction2_sqrt = static_cast<T>(sqrt_host_device(bias_correction2));
   s.eps = static_cast<T>(eps);
   s.amsgrad = amsgrad;
+  s.lerp_small_weight = lerp_weight_is_small(s.one_minus_beta1);
   return s;
 }
 
@@ -101,7 +108,7 @@ FUSEDOPT_HD AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double b
 template <typename T>
 FUSEDOPT_HD void adamw_update(T& p, T g, T& m, T& v, T& max_v, const AdamWScalars<T>& s) {
   p = p * s.decay;
-  m = lerp(m, g, s.one_minus_beta1);
+  m = lerp(m, g, s.one_minus_beta1, s.lerp_small_weight);
   v = v * s.beta2;
   v = v + s.one_minus_beta2 * g * g;
   T second_moment = v;

@@ -1,0 +1,77 @@
+"""`python -m fusedopt.plot`: schedules (lr and momentum against step) and benchmark results to PNG."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fusedopt import plot, schedules
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC
+
+
+def test_cli_draws_schedules(tmp_path):
+    out = tmp_path / "x.png"
+    proc = subprocess.run([sys.executable, "-m", "fusedopt.plot", "--schedules", "one_cycle,warmup_cosine",
+                           "--steps", "1000", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert is_png(out)
+
+
+def test_cli_rejects_unknown_schedule(tmp_path):
+    assert plot.main(["--schedules", "nope", "--out", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_needs_one_source(tmp_path):
+    with pytest.raises(SystemExit):
+        plot.main(["--out", str(tmp_path / "x.png")])
+
+
+@pytest.mark.parametrize("name", plot.SCHEDULE_NAMES)
+def test_every_builder_name(name):
+    table = plot.build_schedule(name, 200)
+    assert isinstance(table, schedules.ScheduleTable)
+    assert len(table) >= 1
+
+
+def test_lines_are_the_tables_values(tmp_path):
+    tables = {"1cycle": schedules.one_cycle(100), "cos": schedules.warmup_cosine(100, 10)}
+    fig = plot.plot_schedules(tables, 100, None, lr=0.5)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["cos: lr"].get_ydata()) == pytest.approx([0.5 * tables["cos"].lr_at(t) for t in range(100)])
+    assert list(lines["1cycle: lr"].get_ydata()) == pytest.approx([0.5 * tables["1cycle"].lr_at(t) for t in range(100)])
+    # momentum on the twin axis of the same plot, only for the table that has one
+    mom = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    assert set(mom) == {"1cycle: momentum"}
+    assert list(mom["1cycle: momentum"].get_ydata()) == pytest.approx(tables["1cycle"].momentum.tolist())
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_plot_benchmark_from_results(tmp_path):
+    def entry(contender, kind, numel, model, t):
+        return dict(model=model, numel=numel, num_tensors=3, rule="adamw", dtype="float32", scenario="step",
+                    bytes_per_param=28, contender=contender, kind=kind, status="ok", median_s=t, q1_s=0.9 * t,
+                    q3_s=1.1 * t, params_per_s=numel / t, gb_per_s=28 * numel / t / 1e9)
+
+    data = dict(meta=dict(device_name="test", date="2026-11-23", quick=True), results=[
+        entry("fusedopt[cpu]", "fusedopt", 1000, "a", 1e-3), entry("fusedopt[cpu]", "fusedopt", 10000, "b", 5e-3),
+        entry("torch fused", "peer", 1000, "a", 2e-3), entry("torch fused", "peer", 10000, "b", 9e-3),
+        entry("bandwidth (stream)", "stream", 1000, "a", 5e-4), entry("bandwidth (stream)", "stream", 10000, "b", 4e-3),
+        dict(model="a", rule="adamw", dtype="float32", scenario="step", contender="x", kind="peer", status="error"),
+    ])
+    out = tmp_path / "bench.png"
+    plot.plot_benchmark(data, str(out))
+    assert is_png(out)
