@@ -388,6 +388,7 @@ class FusedOptimizer(Optimizer):
         state_of = self.state
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
+            group_splits = split_first and self._group_splits_first_step(group)
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -395,13 +396,15 @@ class FusedOptimizer(Optimizer):
                 device = p.device
                 if g.layout is not strided or g.dtype is not p.dtype or g.shape != p.shape or g.device != device:
                     self._reject_grad(gi, i, p, g)
-                first = split_first and self._is_first_step(p, group, state_of.get(p))
+                state = state_of.get(p)
+                first = group_splits and self._is_first_step(state)
                 key = (gi, device, p.dtype, first)
                 batch = batches.get(key)
                 if batch is None:
                     batch = batches[key] = Batch(gi, device, first_step=first)
                 batch.params.append(p)
                 batch.grads.append(g)
+                batch.states.append(state)  # None or empty for now: _prepare creates it
         return list(batches.values())
 
     def _reject_grad(self, gi: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -415,18 +418,21 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"{where}: grad shape {tuple(g.shape)} differs from param shape {tuple(p.shape)}")
         raise RuntimeError(f"{where}: grad is on {g.device} but the param is on {p.device}")
 
-    def _is_first_step(self, p, group, state) -> bool:
+    def _group_splits_first_step(self, group: dict) -> bool:
+        return False
+
+    @staticmethod
+    def _is_first_step(state) -> bool:
         return False
 
     def _prepare(self, batch: Batch) -> None:
         """Create missing state and give the kernels dense tensors with matching strides."""
         group = self.param_groups[batch.group_index]
-        state_of = self.state
         params, grads, states = batch.params, batch.grads, batch.states
         dtensor = _dtensor_class()
         for k, p in enumerate(params):
-            state = state_of.get(p)
-            states.append(state if state else self._ensure_state(p, group))
+            if not states[k]:
+                states[k] = self._ensure_state(p, group)
             if dtensor is not None and isinstance(p, dtensor):
                 p = self._to_local(batch, k, p)
             g = grads[k]

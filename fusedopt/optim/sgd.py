@@ -47,8 +47,12 @@ class FusedSGD(FusedOptimizer):
     def _uses_momentum(self, group: dict) -> bool:
         return group["momentum"] != 0 or self._schedule_has_momentum
 
-    def _is_first_step(self, p, group, state) -> bool:
-        return self._uses_momentum(group) and (not state or state.get("momentum_buffer") is None)
+    def _group_splits_first_step(self, group: dict) -> bool:
+        return self._uses_momentum(group)
+
+    @staticmethod
+    def _is_first_step(state) -> bool:
+        return not state or state.get("momentum_buffer") is None
 
     def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         pass  # the momentum buffer is created in _call_backend, on the param's first step with momentum
