@@ -46,7 +46,7 @@ def results(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     init_file = os.path.join(out, "store")
     procs, logs = [], []
-    start = time.time()
+    start = time.monotonic()
     for rank in range(WORLD):
         log = open(os.path.join(out, f"log{rank}.txt"), "w")
         logs.append(log)
@@ -64,7 +64,7 @@ def results(tmp_path_factory):
     text = "\n".join(f"--- rank {r} ---\n" + open(os.path.join(out, f"log{r}.txt")).read()[-6000:]
                      for r in range(WORLD))
     if codes != [0] * WORLD:
-        pytest.fail(f"distributed worker exit codes {codes} after {time.time() - start:.0f} s\n{text}")
+        pytest.fail(f"distributed worker exit codes {codes} after {time.monotonic() - start:.0f} s\n{text}")
     loaded = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     for r, res in enumerate(loaded):
         for name, value in res.items():

@@ -43,9 +43,6 @@ class FusedAdamW(FusedOptimizer):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"{flag} must be a bool, got {group[flag]!r}")
 
-    def _allowed_state_keys(self, group: dict) -> set:
-        return set(self.state_keys) | {"master_param"}
-
     def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         dtype = self._state_dtype(p)
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
