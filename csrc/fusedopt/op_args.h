@@ -138,8 +138,7 @@ inline bool check_adamw_args(TensorList params, TensorList grads, TensorList exp
   for (size_t i = 0; i < steps.size(); ++i) {
     TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kLong &&
                     steps[i].device() == params[0].device(),
-                op, ": steps[", i, "] must be a one-element int64 tensor on the params' device (",
-                params[0].device(), ")");
+                op, ": steps[", i, "] must be a one-element int64 tensor on the params' device");
   }
   check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
   return true;
