@@ -579,12 +579,12 @@ class FusedOptimizer(Optimizer):
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------------
-    def _allowed_state_keys(self, group: dict) -> set:
+    def _allowed_state_keys(self) -> set:
         return set(self.state_keys) | {"master_param"}
 
-    def _check_state_dict(self, state_dict: dict) -> None:
+    def _check_state_dict(self, state_dict: dict) -> Dict[int, torch.Tensor]:
         """Reject a state_dict of another optimizer, or one whose tensors do not fit the params, before
-        anything is loaded."""
+        anything is loaded. Returns the map from the state_dict's param indices to this optimizer's params."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())")
         saved_groups = state_dict["param_groups"]
@@ -603,11 +603,11 @@ class FusedOptimizer(Optimizer):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
                                  "optimizer's group")
             index_to_param.update(zip(saved["params"], group["params"]))
+        allowed = self._allowed_state_keys()
         for index, pstate in state_dict["state"].items():
             p = index_to_param.get(index)
             if p is None or not isinstance(pstate, dict):
                 continue
-            allowed = self._allowed_state_keys(self.param_groups[0])
             unknown = set(pstate) - allowed
             if unknown:
                 raise ValueError(f"state_dict is not from a {type(self).__name__}-compatible optimizer: param "
@@ -618,16 +618,14 @@ class FusedOptimizer(Optimizer):
                 if value.shape != p.shape:
                     raise ValueError(f"state_dict does not fit the params: state '{key}' of param {index} has shape "
                                      f"{tuple(value.shape)}, the param has {tuple(p.shape)}")
+        return index_to_param
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._check_state_dict(state_dict)
+        index_to_param = self._check_state_dict(state_dict)
         # torch casts floating state to the param dtype on load; float32 master weights and states must
         # survive that, so they are set aside and put back afterwards.
         kept = {}
         if self.master_weights:
-            index_to_param = {}
-            for saved, group in zip(state_dict["param_groups"], self.param_groups):
-                index_to_param.update(zip(saved["params"], group["params"]))
             for index, pstate in state_dict["state"].items():
                 p = index_to_param.get(index)
                 if p is not None and self._uses_master(p):

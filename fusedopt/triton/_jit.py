@@ -122,6 +122,26 @@ def store_elems(addr, offs, x, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
 
 
 @device_function
+def load_param(p_addr, master_addr, offs, mask, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+               T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """multi_tensor_cpu.h load_param(): the param as the update sees it, from its float32 master copy if any."""
+    if HAS_MASTER:
+        p = load_elems(master_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    else:
+        p = load_elems(p_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    return p
+
+
+@device_function
+def store_param(p_addr, master_addr, offs, p, mask, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                HAS_MASTER: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """multi_tensor_cpu.h store_param(): to the master copy, and (rounded, with one) to the param."""
+    if HAS_MASTER:
+        store_elems(master_addr, offs, p, mask, S_DTYPE, ALIGNED, SOFT_BF16)
+    store_elems(p_addr, offs, p, mask, P_DTYPE, ALIGNED, SOFT_BF16)
+
+
+@device_function
 def div(a, b):
     """IEEE-rounded a / b (the C++ '/' in rules.h)."""
     if a.dtype == tl.float64:

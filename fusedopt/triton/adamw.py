@@ -22,11 +22,7 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs
                     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
                     HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                     ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
-    # multi_tensor_cpu.h update_range(): the param comes from its float32 master copy when there is one
-    if HAS_MASTER:
-        p = J.load_elems(master_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
-    else:
-        p = J.load_elems(p_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    p = J.load_param(p_addr, master_addr, offs, mask, P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
     g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
                          inv_scale, clip_coef, MAXIMIZE)
     m = J.load_elems(m_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
@@ -48,9 +44,7 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs
 
     J.store_elems(m_addr, offs, m, mask, S_DTYPE, ALIGNED, SOFT_BF16)
     J.store_elems(v_addr, offs, v, mask, S_DTYPE, ALIGNED, SOFT_BF16)
-    if HAS_MASTER:
-        J.store_elems(master_addr, offs, p, mask, S_DTYPE, ALIGNED, SOFT_BF16)
-    J.store_elems(p_addr, offs, p, mask, P_DTYPE, ALIGNED, SOFT_BF16)
+    J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
 
 
 @triton.jit

@@ -17,10 +17,7 @@ def _lion_elements(p_addr, g_addr, m_addr, master_addr, offs, mask,
                    inv_scale, clip_coef, decay, neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                    ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
-    if HAS_MASTER:
-        p = J.load_elems(master_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
-    else:
-        p = J.load_elems(p_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    p = J.load_param(p_addr, master_addr, offs, mask, P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
     g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
                          inv_scale, clip_coef, False)
     m = J.load_elems(m_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
@@ -33,9 +30,7 @@ def _lion_elements(p_addr, g_addr, m_addr, master_addr, offs, mask,
     m = m + one_minus_beta2 * g
 
     J.store_elems(m_addr, offs, m, mask, S_DTYPE, ALIGNED, SOFT_BF16)
-    if HAS_MASTER:
-        J.store_elems(master_addr, offs, p, mask, S_DTYPE, ALIGNED, SOFT_BF16)
-    J.store_elems(p_addr, offs, p, mask, P_DTYPE, ALIGNED, SOFT_BF16)
+    J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
 
 
 @triton.jit

@@ -20,10 +20,7 @@ def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, mask,
                   P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                   USE_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
-    if HAS_MASTER:
-        p = J.load_elems(master_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
-    else:
-        p = J.load_elems(p_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    p = J.load_param(p_addr, master_addr, offs, mask, P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
     g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
                          inv_scale, clip_coef, MAXIMIZE)
 
@@ -42,9 +39,7 @@ def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, mask,
         J.store_elems(buf_addr, offs, buf, mask, S_DTYPE, ALIGNED, SOFT_BF16)
     p = p + neg_lr * g
 
-    if HAS_MASTER:
-        J.store_elems(master_addr, offs, p, mask, S_DTYPE, ALIGNED, SOFT_BF16)
-    J.store_elems(p_addr, offs, p, mask, P_DTYPE, ALIGNED, SOFT_BF16)
+    J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
 
 
 @triton.jit
