@@ -1,7 +1,8 @@
 """Build fusedopt's compiled backends.
 
 Two extension modules:
-  fusedopt._C      the op schemas (csrc/ops.cpp) and the CPU kernels (csrc/cpu). Always built.
+  fusedopt._C      the op schemas (csrc/ops.cpp), the step's grad check (csrc/grads_ready.cpp) and the CPU
+                   kernels (csrc/cpu). Always built.
   fusedopt._cuda   the CUDA kernels (csrc/cuda). Built when torch has CUDA and a CUDA toolkit is found.
 
 Both use only the limited Python API (no pybind11: the ops are reached through torch.ops.fusedopt), so a
@@ -120,7 +121,7 @@ def extensions():
     exts = [
         cpp_extension.CppExtension(
             "fusedopt._C",
-            sources=sorted(["csrc/ops.cpp"] + glob.glob("csrc/cpu/*.cpp")),
+            sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
             include_dirs=include_dirs,
             define_macros=common_defines,
             extra_compile_args={"cxx": cxx_flags},

@@ -25,6 +25,10 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedopt, m) {
+  // Metadata only, for any device: true when every param has a grad that the update ops can read as it is
+  // (see csrc/grads_ready.cpp). The optimizers' step() asks it once per param group instead of looking at
+  // every grad from Python.
+  m.def("grads_ready(Tensor[] params, Tensor?[] grads) -> bool");
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, float beta1, "

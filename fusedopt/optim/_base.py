@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.optim import Optimizer
 
-from fusedopt import backends
+from fusedopt import _ops, backends
 from fusedopt.schedules import ScheduleTable
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -118,6 +118,8 @@ class Batch:
     # (original param, contiguous stand-in) for params that are strided views: updated on the copy, copied back
     write_back: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     first_step: bool = False
+    # True when fusedopt::grads_ready vouched for the whole group: every grad is dense with its param's layout
+    ready: bool = False
     # set when the batch holds DTensor shards: per grad, the process groups its norm is summed over (clipping)
     shard_groups: Optional[List[tuple]] = None
 
@@ -386,9 +388,12 @@ class FusedOptimizer(Optimizer):
         strided = torch.strided
         split_first = self._splits_first_step
         state_of = self.state
+        whole_groups = self._whole_group_check_usable()
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             group_splits = split_first and self._group_splits_first_step(group)
+            if whole_groups and self._collect_whole_group(gi, group["params"], group_splits, batches):
+                continue
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -406,6 +411,38 @@ class FusedOptimizer(Optimizer):
                 batch.grads.append(g)
                 batch.states.append(state)  # None or empty for now: _prepare creates it
         return list(batches.values())
+
+    @staticmethod
+    def _whole_group_check_usable() -> bool:
+        """fusedopt::grads_ready needs the C++ extension; under torch.compile the per-param path is traced
+        instead (Dynamo turns its metadata checks into guards, while an op returning a bool would break the
+        graph)."""
+        return _ops.HAS_CPU_EXTENSION and not torch.compiler.is_compiling()
+
+    def _collect_whole_group(self, gi: int, params: list, group_splits: bool, batches: Dict[tuple, Batch]) -> bool:
+        """The common case in one C++ call instead of a Python loop: every param of the group has a grad of its
+        dtype, device, shape and dense layout, all in one dtype on one device (and, for SGD, all past or all at
+        their first step). Adds the group as one ready batch and returns True; returns False, adding nothing,
+        for the per-param path to sort out (missing grads, mixed dtypes, strided views, errors, DTensors)."""
+        if not params:
+            return False
+        dtensor = _dtensor_class()  # loaded by torch.optim itself, so checked per class, not per param
+        if dtensor is not None and any(issubclass(t, dtensor) for t in set(map(type, params))):
+            return False
+        grads = [p.grad for p in params]
+        if not torch.ops.fusedopt.grads_ready.default(params, grads):
+            return False
+        states = list(map(self.state.get, params))
+        first = False
+        if group_splits:
+            first_flags = set(map(self._is_first_step, states))
+            if len(first_flags) > 1:
+                return False
+            first = first_flags.pop()
+        p0 = params[0]
+        batches[(gi, p0.device, p0.dtype, first)] = Batch(gi, p0.device, list(params), grads, states,
+                                                           first_step=first, ready=True)
+        return True
 
     def _reject_grad(self, gi: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
         where = f"param {i} of param group {gi}"
@@ -429,6 +466,12 @@ class FusedOptimizer(Optimizer):
         """Create missing state and give the kernels dense tensors with matching strides."""
         group = self.param_groups[batch.group_index]
         params, grads, states = batch.params, batch.grads, batch.states
+        if batch.ready:  # the layout was checked in C++; only missing state is left to create
+            if not all(states):
+                for k, p in enumerate(params):
+                    if not states[k]:
+                        states[k] = self._ensure_state(p, group)
+            return
         dtensor = _dtensor_class()
         for k, p in enumerate(params):
             if not states[k]:
