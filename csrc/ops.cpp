@@ -29,6 +29,9 @@ TORCH_LIBRARY(fusedopt, m) {
   // (see csrc/grads_ready.cpp). The optimizers' step() asks it once per param group instead of looking at
   // every grad from Python.
   m.def("grads_ready(Tensor[] params, Tensor?[] grads) -> bool");
+  // The norm of all grads together, as clip_grad_norm_ defines it (float32 scalar on the grads' device);
+  // CPU only: on GPUs torch._foreach_norm is already one multi-tensor launch.
+  m.def("grad_norm(Tensor[] grads, float norm_type) -> Tensor");
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, float beta1, "

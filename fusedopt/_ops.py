@@ -1,8 +1,8 @@
 """Loads the compiled extensions and registers fake implementations for torch.ops.fusedopt.*.
 
 The op schemas live in csrc/ops.cpp (the `_C` extension). The fake implementations below describe the ops to
-torch.compile / FakeTensor tracing: every op mutates its inputs in place and returns nothing, so the fake
-implementation only has to exist.
+torch.compile / FakeTensor tracing: the update ops mutate their inputs in place and return nothing, so their
+fake implementations only have to exist; grad_norm returns a float32 scalar.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ if HAS_CPU_EXTENSION:
                   nesterov, maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
                   clip_coef):
         return None
+
+    @torch.library.register_fake("fusedopt::grad_norm")
+    def _grad_norm_fake(grads, norm_type):
+        return grads[0].new_empty((), dtype=torch.float32)
 
     @torch.library.register_fake("fusedopt::lion_")
     def _lion_fake(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table, beta1_table,

@@ -567,10 +567,20 @@ class FusedOptimizer(Optimizer):
             return {}
         norms = []
         for device, grads in grads_by_device.items():
-            # float32 accumulation: fp16 grads that GradScaler scaled up would overflow an fp16 norm
-            norms.extend(torch._foreach_norm(grads, self.norm_type, dtype=torch.float32))
+            if device.type == "cpu" and _ops.HAS_CPU_EXTENSION:
+                # one pass over all grads (float64 sums) instead of one reduction op per tensor
+                norms.append(torch.ops.fusedopt.grad_norm(grads, self.norm_type))
+            else:
+                # float32 accumulation: fp16 grads that GradScaler scaled up would overflow an fp16 norm.
+                # Empty grads add nothing, and _foreach_norm cannot take their inf-norm.
+                nonempty = [g for g in grads if g.numel()]
+                norms.extend(torch._foreach_norm(nonempty, self.norm_type, dtype=torch.float32) if nonempty
+                             else [torch.zeros((), dtype=torch.float32, device=device)])
         first = next(iter(grads_by_device))
-        total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), self.norm_type)
+        if len(norms) == 1:
+            total = norms[0]
+        else:
+            total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), self.norm_type)
         if grad_scale is not None:
             inv_scale = grad_scale.to(device=first, dtype=torch.float64).reciprocal().to(torch.float32)
             total = total * inv_scale  # the norm of the unscaled grads, as after GradScaler.unscale_
