@@ -1,7 +1,8 @@
 """What the three fused optimizers share: argument checks, state, grouping, schedules, clipping and AMP.
 
 Data flows one way:
-    step() -> validate every grad (nothing modified yet) -> create missing state -> global grad norm (optional)
+    step() -> validate every grad (nothing modified yet; one C++ call per group in the common case)
+           -> create missing state -> global grad norm (optional)
            -> one backend op call per (param group, device, dtype) -> advance the device-side schedule counters
 
 A subclass names its update rule and state keys and implements three small hooks: `_check_group` (the rule's
