@@ -108,7 +108,13 @@ def test_common_case_is_one_ready_batch_per_group(rule):
         assert [(bt.group_index, bt.ready, len(bt.params)) for bt in batches] == [(0, True, 2), (1, True, 1)]
 
 
-@pytest.mark.parametrize("case", ["missing grad", "transposed grad", "mixed dtypes", "sgd half first step"])
+class _TaggedTensor(torch.Tensor):
+    """A tensor subclass (as quantization and sharding libraries make): its ops go through its own
+    __torch_function__, so step() must not hand it to the whole-group check."""
+
+
+@pytest.mark.parametrize("case", ["missing grad", "transposed grad", "mixed dtypes", "sgd half first step",
+                                  "subclass param"])
 def test_other_cases_take_the_per_param_path(case):
     params, grads = _pairs((3,), (4, 6))
     cls = fusedopt.FusedSGD
@@ -116,6 +122,8 @@ def test_other_cases_take_the_per_param_path(case):
         grads[1] = torch.randn(6, 4).t()
     elif case == "mixed dtypes":
         params[0], grads[0] = params[0].double(), grads[0].double()
+    elif case == "subclass param":
+        params[0] = params[0].as_subclass(_TaggedTensor)
     for p, g in zip(params, grads):
         p.grad = g
     opt = cls(params, lr=1e-3, momentum=0.9)

@@ -25,6 +25,9 @@ from fusedopt.schedules import ScheduleTable
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The classes of params and grads that step()'s whole-group check takes (None: a param without grad, which the
+# check itself turns down); anything else, DTensor included, goes the per-param way.
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
 
 
 def check_number(name: str, value, *, minimum: float = None, below: float = None, allow_tensor=False) -> None:
@@ -424,14 +427,12 @@ class FusedOptimizer(Optimizer):
         """The common case in one C++ call instead of a Python loop: every param of the group has a grad of its
         dtype, device, shape and dense layout, all in one dtype on one device (and, for SGD, all past or all at
         their first step). Adds the group as one ready batch and returns True; returns False, adding nothing,
-        for the per-param path to sort out (missing grads, mixed dtypes, strided views, errors, DTensors)."""
-        if not params:
-            return False
-        dtensor = _dtensor_class()  # loaded by torch.optim itself, so checked per class, not per param
-        if dtensor is not None and any(issubclass(t, dtensor) for t in set(map(type, params))):
+        for the per-param path to sort out (missing grads, mixed dtypes, strided views, errors, DTensors and
+        other tensor subclasses, which an op call would hand to their own dispatch)."""
+        if not params or not _PLAIN_TYPES.issuperset(map(type, params)):
             return False
         grads = [p.grad for p in params]
-        if not torch.ops.fusedopt.grads_ready.default(params, grads):
+        if not _PLAIN_TYPES.issuperset(map(type, grads)) or not torch.ops.fusedopt.grads_ready.default(params, grads):
             return False
         states = list(map(self.state.get, params))
         first = False
