@@ -386,8 +386,8 @@ class FusedOptimizer(Optimizer):
 
     def _collect(self) -> List[Batch]:
         """Validate every grad and sort params into batches. Modifies nothing, so a rejected step leaves
-        params and state exactly as they were. This loop runs over every param at every step: it touches
-        each tensor as few times as it can."""
+        params and state exactly as they were. A group in the common case is checked in one C++ call
+        (_collect_whole_group); the loop below handles the rest, touching each tensor as few times as it can."""
         batches: Dict[tuple, Batch] = {}
         strided = torch.strided
         split_first = self._splits_first_step
