@@ -48,6 +48,44 @@ def _count_or_close(rule, ours, theirs, tol, what):
         assert_close_normwise(a, b, tol, f"{what} param {i}")
 
 
+def _run_clipped(rule, backend, steps, norm_type=2.0, schedule=None):
+    """Trains our optimizer with max_grad_norm=1 beside the oracle with clip_grad_norm_ + step (and the named
+    torch scheduler, baked into a table for ours), checking every step that the norms agree (rtol 1e-6) and
+    that our grads are left as they were. Returns (ours params, oracle params, number of clipped steps).
+    The oracle clips the non-empty params: empty ones add nothing to any norm, and torch's inf-norm cannot
+    reduce an empty tensor."""
+    max_norm = 1.0
+    ours_cls, oracle_factory = RULE_CLASSES[rule]
+    base = _params()
+    ours_p = [p.clone() for p in base]
+    oracle_p = [p.clone() for p in base]
+    oracle = oracle_factory(split_groups(oracle_p, GROUPS), **OPTIONS[rule])
+    table = sched = None
+    if schedule is not None:
+        factory = scheduler_factories(steps)[schedule]
+        sched = factory(oracle)
+        table = schedules.from_lr_scheduler(factory, steps)
+    ours = ours_cls(split_groups(ours_p, GROUPS), **OPTIONS[rule], backend=backend, max_grad_norm=max_norm,
+                    norm_type=norm_type, schedule=table)
+    clipped_steps = 0
+    for t in range(steps):
+        grads = _grads(base, t)
+        for p, q, g in zip(ours_p, oracle_p, grads):
+            p.grad = g.clone()
+            q.grad = g.clone()
+        total = torch.nn.utils.clip_grad_norm_([q for q in oracle_p if q.numel()], max_norm, norm_type=norm_type)
+        clipped_steps += int(total > max_norm)
+        oracle.step()
+        if sched is not None:
+            sched.step()
+        ours.step()
+        assert ours.last_grad_norm is not None
+        torch.testing.assert_close(ours.last_grad_norm, total, rtol=1e-6, atol=0)
+        for p, g in zip(ours_p, grads):
+            assert torch.equal(p.grad, g), "grads must not be rewritten"
+    return ours_p, oracle_p, clipped_steps
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
 def test_clipping_matches_clip_grad_norm(rule, backend):
@@ -55,31 +93,7 @@ def test_clipping_matches_clip_grad_norm(rule, backend):
     float32, normwise 1e-6: the norm is the same quantity (on CPU fusedopt::grad_norm sums in float64, torch
     sums per-tensor float32 norms: they differ by torch's rounding, ~1e-7 here), the coefficient comes from the
     same formula, and the kernel multiplies each grad by it as _foreach_mul_ does."""
-    steps, max_norm = 300, 1.0
-    ours_cls, oracle_factory = RULE_CLASSES[rule]
-    base = _params()
-    ours_p = [p.clone() for p in base]
-    oracle_p = [p.clone() for p in base]
-    factory = scheduler_factories(steps)["one_cycle_momentum"]
-    oracle = oracle_factory(split_groups(oracle_p, GROUPS), **OPTIONS[rule])
-    sched = factory(oracle)
-    ours = ours_cls(split_groups(ours_p, GROUPS), **OPTIONS[rule], backend=backend, max_grad_norm=max_norm,
-                    schedule=schedules.from_lr_scheduler(factory, steps))
-    clipped_steps = 0
-    for t in range(steps):
-        grads = _grads(base, t)
-        for p, q, g in zip(ours_p, oracle_p, grads):
-            p.grad = g.clone()
-            q.grad = g.clone()
-        total = torch.nn.utils.clip_grad_norm_(oracle_p, max_norm)
-        clipped_steps += int(total > max_norm)
-        oracle.step()
-        sched.step()
-        ours.step()
-        assert ours.last_grad_norm is not None
-        torch.testing.assert_close(ours.last_grad_norm, total, rtol=1e-6, atol=0)
-        for p, g in zip(ours_p, grads):
-            assert torch.equal(p.grad, g), "grads must not be rewritten"
+    ours_p, oracle_p, clipped_steps = _run_clipped(rule, backend, 300, schedule="one_cycle_momentum")
     assert 50 < clipped_steps < 250, "the test must exercise both clipped and unclipped steps"
     _count_or_close(rule, ours_p, oracle_p, 1e-6, f"{rule}/{backend} clipped")
 
@@ -87,25 +101,8 @@ def test_clipping_matches_clip_grad_norm(rule, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm_type", [1.0, math.inf])
 def test_clipping_by_other_norms_with_empty_params(norm_type, backend):
-    """L1 and inf norms over params that include empty ones (torch's own inf-norm cannot reduce an empty
-    tensor, so the oracle clips the non-empty params: empty ones add nothing to any norm)."""
-    steps, max_norm = 40, 1.0
-    ours_cls, oracle_factory = RULE_CLASSES["adamw"]
-    base = _params()
-    ours_p = [p.clone() for p in base]
-    oracle_p = [p.clone() for p in base]
-    oracle = oracle_factory(split_groups(oracle_p, GROUPS), **OPTIONS["adamw"])
-    ours = ours_cls(split_groups(ours_p, GROUPS), **OPTIONS["adamw"], backend=backend, max_grad_norm=max_norm,
-                    norm_type=norm_type)
-    for t in range(steps):
-        grads = _grads(base, t)
-        for p, q, g in zip(ours_p, oracle_p, grads):
-            p.grad = g.clone()
-            q.grad = g.clone()
-        total = torch.nn.utils.clip_grad_norm_([q for q in oracle_p if q.numel()], max_norm, norm_type=norm_type)
-        oracle.step()
-        ours.step()
-        torch.testing.assert_close(ours.last_grad_norm, total, rtol=1e-6, atol=0)
+    """L1 and inf norms, over params that include empty ones, 40 steps (same checks as above)."""
+    ours_p, oracle_p, _ = _run_clipped("adamw", backend, 40, norm_type=norm_type)
     _count_or_close("adamw", ours_p, oracle_p, 1e-6, f"adamw/{backend} clipped by the {norm_type}-norm")
 
 

@@ -37,19 +37,6 @@ SHAPES = [(16, 8), (8,), (5, 3, 2), (7,)]
 N_STEPS = 50  # before and after the switch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Run the CPU kernels on one thread. Results do not depend on it: every tensor here is smaller than one
-    32 Ki-element work item, so threads would only split the list of tensors, not the arithmetic. But each
-    op call over >= 2 tensors opens an OpenMP parallel region, whatever the size; on a busy 2-core machine
-    that fork/join costs milliseconds per step (see the report on the CPU backend's small-group overhead)
-    and made this file several times slower than its budget."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_params(seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in SHAPES]
