@@ -497,7 +497,7 @@ class FusedOptimizer(Optimizer):
     def _to_local(self, batch: Batch, k: int, p) -> torch.Tensor:
         """Put the local shard of DTensor param k (FSDP2's fully_shard, tensor parallel) in its place in the
         batch, with its grad's and states' local shards: the kernels update the shard in place. Nothing is
-        gathered; only clipping communicates (a scalar per mesh dimension, see _clip_coefficient_sharded)."""
+        gathered; only clipping communicates (a scalar per mesh dimension, see _sharded_total_norm)."""
         g = batch.grads[k]
         if (not isinstance(g, _dtensor_class()) or g.device_mesh != p.device_mesh or g.placements != p.placements
                 or any(pl.is_partial() for pl in g.placements)):
@@ -515,29 +515,41 @@ class FusedOptimizer(Optimizer):
         batch.states[k] = _LocalState(batch.states[k], p)
         return local
 
-    def _clip_coefficient_sharded(self, batches: Sequence[Batch], grad_scale: Optional[torch.Tensor]):
-        """_clip_coefficient for batches with DTensor shards: the local norms of grads sharded over the same
-        mesh dimensions are combined, raised to the power p and summed (max for inf) over those dimensions'
+    def _norm_of(self, grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The norm_type-norm of all `grads` (on `device`) together, as a float32 scalar there; 0 for no grads or
+        only empty ones. CPU: fusedopt::grad_norm, one pass with float64 sums (one reduction op per tensor costs
+        more than the update on small tensors). Elsewhere: _foreach_norm, one multi-tensor launch, accumulating
+        in float32 (fp16 grads that GradScaler scaled up would overflow an fp16 norm); empty grads are left out,
+        as they add nothing and _foreach_norm cannot take their inf-norm."""
+        if device.type == "cpu" and _ops.HAS_CPU_EXTENSION and grads:
+            return torch.ops.fusedopt.grad_norm(grads, self.norm_type)
+        nonempty = [g for g in grads if g.numel()]
+        if not nonempty:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return self._combine_norms(torch._foreach_norm(nonempty, self.norm_type, dtype=torch.float32), device)
+
+    def _combine_norms(self, norms: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The norm of partial norms (clip_grad_norm_'s norm of per-tensor norms), on `device`."""
+        if len(norms) == 1:
+            return norms[0].to(device)
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), self.norm_type)
+
+    def _sharded_total_norm(self, batches: Sequence[Batch], first: torch.device) -> torch.Tensor:
+        """The global norm when batches hold DTensor shards: the local grads sharded over the same mesh
+        dimensions are normed together, raised to the power p and summed (max for inf) over those dimensions'
         process groups, so every rank gets the norm of the full grads. Replicated dimensions are not summed."""
         import torch.distributed as dist
 
         norm_type = self.norm_type
-        first = batches[0].device
-        buckets: Dict[tuple, List[torch.Tensor]] = {}  # process groups -> local norms (same order on every rank)
+        # process groups -> device -> local grads; every rank opens the same buckets in the same order, even
+        # where its local shards are empty (uneven sharding), since each bucket is one collective
+        buckets: Dict[tuple, Dict[torch.device, List[torch.Tensor]]] = {}
         for b in batches:
-            groups = b.shard_groups or [()] * len(b.grads)
-            for key in groups:  # every rank opens the same buckets, even where its local shards are empty
-                buckets.setdefault(key, [])
-            # uneven sharding leaves some ranks empty shards; they add nothing (and have no inf-norm)
-            nonempty = [i for i, g in enumerate(b.grads) if g.numel()]
-            if nonempty:
-                norms = torch._foreach_norm([b.grads[i] for i in nonempty], norm_type, dtype=torch.float32)
-                for i, n in zip(nonempty, norms):
-                    buckets[groups[i]].append(n.to(first))
+            for key, g in zip(b.shard_groups or [()] * len(b.grads), b.grads):
+                buckets.setdefault(key, {}).setdefault(b.device, []).append(g)
         parts = []
-        for key, norms in buckets.items():
-            part = (torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms
-                    else torch.zeros((), dtype=torch.float32, device=first))
+        for key, by_device in buckets.items():
+            part = self._combine_norms([self._norm_of(gs, d) for d, gs in by_device.items()], first)
             if key:
                 if math.isinf(norm_type):
                     for pg in key:
@@ -548,41 +560,22 @@ class FusedOptimizer(Optimizer):
                         dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
                     part = part.pow(1.0 / norm_type).float()
             parts.append(part)
-        total = torch.linalg.vector_norm(torch.stack(parts), norm_type)
-        if grad_scale is not None:
-            inv_scale = grad_scale.to(device=first, dtype=torch.float64).reciprocal().to(torch.float32)
-            total = total * inv_scale
-        self.last_grad_norm = total
-        coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
-        return {b.device: coef.to(b.device) for b in batches}
+        return self._combine_norms(parts, first)
 
     def _clip_coefficient(self, batches: Sequence[Batch], grad_scale: Optional[torch.Tensor]):
         """Global grad norm over all params of this optimizer, on the device: clip_grad_norm_'s formula.
         Returns {device: coef tensor} and sets self.last_grad_norm; grads are not modified."""
-        if any(b.shard_groups for b in batches):
-            return self._clip_coefficient_sharded(batches, grad_scale)
         grads_by_device: Dict[torch.device, List[torch.Tensor]] = {}
         for b in batches:
             grads_by_device.setdefault(b.device, []).extend(b.grads)
         if not grads_by_device:
             self.last_grad_norm = torch.zeros(())
             return {}
-        norms = []
-        for device, grads in grads_by_device.items():
-            if device.type == "cpu" and _ops.HAS_CPU_EXTENSION:
-                # one pass over all grads (float64 sums) instead of one reduction op per tensor
-                norms.append(torch.ops.fusedopt.grad_norm(grads, self.norm_type))
-            else:
-                # float32 accumulation: fp16 grads that GradScaler scaled up would overflow an fp16 norm.
-                # Empty grads add nothing, and _foreach_norm cannot take their inf-norm.
-                nonempty = [g for g in grads if g.numel()]
-                norms.extend(torch._foreach_norm(nonempty, self.norm_type, dtype=torch.float32) if nonempty
-                             else [torch.zeros((), dtype=torch.float32, device=device)])
         first = next(iter(grads_by_device))
-        if len(norms) == 1:
-            total = norms[0]
+        if any(b.shard_groups for b in batches):
+            total = self._sharded_total_norm(batches, first)
         else:
-            total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), self.norm_type)
+            total = self._combine_norms([self._norm_of(g, d) for d, g in grads_by_device.items()], first)
         if grad_scale is not None:
             inv_scale = grad_scale.to(device=first, dtype=torch.float64).reciprocal().to(torch.float32)
             total = total * inv_scale  # the norm of the unscaled grads, as after GradScaler.unscale_
