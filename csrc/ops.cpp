@@ -5,7 +5,8 @@
 // Shared arguments of the three update ops:
 //   lr, beta1/momentum      the group's hyperparameters, used when no table is given (schedule=None)
 //   lr_table, *_table       float64 per-step tables on the params' device (absolute values); read at
-//                           *schedule_step (completed steps), the last entry holding past the end
+//                           *schedule_step (completed steps), the last entry holding past the end; a
+//                           one-entry table (a tensor lr) needs no schedule_step
 //   grad_scale              AMP loss scale (float32, 1 element): grads are multiplied by 1/grad_scale
 //   found_inf               float32, 1 element: when nonzero the whole call is a no-op (params, states and
 //                           step counts unchanged), which is how GradScaler skips a step

@@ -43,9 +43,13 @@ def tensors(dtype=torch.float32, positive=False, seed=0):
     return [_t(s, dtype, positive, seed) for s in SHAPES]
 
 
-def controls(table=False, momentum_table=False, grad_scale=False, found_inf=None, clip=False, step=3):
-    """lr_table, momentum/beta1 table, schedule_step, grad_scale, found_inf, clip_coef."""
+def controls(table=False, momentum_table=False, grad_scale=False, found_inf=None, clip=False, step=3,
+             tensor_lr=False):
+    """lr_table, momentum/beta1 table, schedule_step, grad_scale, found_inf, clip_coef. tensor_lr: a one-entry
+    lr table and no schedule_step, as step() passes a tensor lr."""
     lr_table = torch.linspace(1e-2, 1e-3, 8, dtype=F64) if table else None
+    if tensor_lr:
+        lr_table = torch.tensor([2e-3], dtype=F64)
     mom_table = torch.linspace(0.95, 0.85, 8, dtype=F64) if momentum_table else None
     schedule_step = torch.tensor(step, dtype=torch.int64) if (table or momentum_table) else None
     return (lr_table, mom_table, schedule_step,
@@ -77,6 +81,7 @@ ADAMW_CASES = {
     "bf16_master": dict(dtype=torch.bfloat16, master=True, table=True, momentum_table=True, grad_scale=True,
                         found_inf=0, clip=True),
     "fp16_no_master": dict(dtype=torch.float16, clip=True),
+    "tensor_lr": dict(tensor_lr=True, grad_scale=True, found_inf=0),
 }
 
 
@@ -107,6 +112,7 @@ SGD_CASES = {
     "found_inf_skips": dict(found_inf=1, grad_scale=True),
     "fp16_master": dict(dtype=torch.float16, master=True, table=True, clip=True),
     "float64": dict(dtype=F64, nesterov=True, table=True),
+    "tensor_lr": dict(tensor_lr=True, nesterov=True),
 }
 
 
@@ -132,7 +138,17 @@ LION_CASES = {
     "tables_scale_clip": dict(table=True, momentum_table=True, grad_scale=True, found_inf=0, clip=True),
     "found_inf_skips": dict(found_inf=1),
     "bf16_master": dict(dtype=torch.bfloat16, master=True, table=True, grad_scale=True),
+    "tensor_lr": dict(tensor_lr=True, clip=True),
 }
+
+
+def test_a_table_of_several_entries_needs_a_counter():
+    """A one-entry table reads the same at any step (a tensor lr), so it may come without schedule_step; a
+    longer one without a counter would silently read entry 0 at every step."""
+    args = list(sgd_args(table=True))
+    args[13] = None  # schedule_step
+    with pytest.raises(RuntimeError, match="a schedule table of more than one entry needs schedule_step"):
+        torch.ops.fusedopt.sgd_.default(*args)
 
 
 @pytest.mark.parametrize("case", LION_CASES)

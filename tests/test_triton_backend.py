@@ -721,6 +721,27 @@ def test_bad_arguments_raise_like_the_cpu_op(case):
     assert got == want
 
 
+@needs_cpu_ops
+def test_one_entry_table_without_a_counter_is_a_tensor_lr():
+    """step() passes a tensor lr as a one-entry lr table with no schedule_step: read at entry 0, bitwise as the
+    CPU op reads it, and as the same lr given as a number."""
+    def run(impl, dev, as_table=True):
+        params = make_params([(3,), (4, 5), (1030,)], torch.float32, 8, device=dev)
+        grads = make_params([(3,), (4, 5), (1030,)], torch.float32, 9, device=dev)
+        m = [torch.zeros_like(p) for p in params]
+        v = [torch.zeros_like(p) for p in params]
+        steps = [torch.zeros((), dtype=torch.int64, device=dev) for _ in params]
+        lr_table = torch.tensor([3e-3], dtype=torch.float64, device=dev) if as_table else None
+        for _ in range(3):
+            impl(params, grads, m, v, [], steps, [], 99.0 if as_table else 3e-3, 0.9, 0.999, 1e-8, 0.1, False, False, lr_table, None,
+                 None, None, None, None)
+        return [p.cpu() for p in params]
+
+    number = run(torch.ops.fusedopt.adamw_, "cpu", as_table=False)
+    for ours, expected, plain in zip(run(ft.adamw_, DEVICE), run(torch.ops.fusedopt.adamw_, "cpu"), number):
+        assert torch.equal(ours, expected) and torch.equal(expected, plain)
+
+
 def test_is_available(monkeypatch):
     if CUDA:
         assert ft.is_available() == (True, "")

@@ -97,8 +97,10 @@ inline void check_controls(const char* op, TensorList params, const OptionalTens
   const auto device = params[0].device();
   check_table(op, "lr_table", lr_table, device);
   check_table(op, "momentum table", momentum_table, device);
-  TORCH_CHECK(!(lr_table.has_value() || momentum_table.has_value()) || schedule_step.has_value(), op,
-              ": a schedule table needs schedule_step");
+  // Without a counter a table is read at entry 0: right for a one-entry table (a tensor lr), a bug otherwise.
+  const auto stepped = [](const OptionalTensor& t) { return t.has_value() && t->numel() > 1; };
+  TORCH_CHECK(!(stepped(lr_table) || stepped(momentum_table)) || schedule_step.has_value(), op,
+              ": a schedule table of more than one entry needs schedule_step");
   check_scalar_tensor(op, "schedule_step", schedule_step, device, at::kLong);
   check_scalar_tensor(op, "grad_scale", grad_scale, device, at::kFloat);
   check_scalar_tensor(op, "found_inf", found_inf, device, at::kFloat);

@@ -609,10 +609,9 @@ class FusedOptimizer(Optimizer):
                 lr_table, momentum_table = self._device_tables(batch.group_index, device)
                 schedule_step = group["schedule_step"]
             lr = group["lr"]
-            if isinstance(lr, torch.Tensor):  # a tensor lr is read on the device, like a one-entry table
+            if isinstance(lr, torch.Tensor):  # a tensor lr is read on the device, as a one-entry table
                 if lr_table is None:
                     lr_table = lr.detach().reshape(1).to(device=device, dtype=torch.float64)
-                    schedule_step = torch.zeros((), dtype=torch.int64, device=device) if schedule_step is None else schedule_step
                 lr = 0.0
             self._call_backend(
                 self._backend_for(device), batch, group, float(lr), lr_table, momentum_table, schedule_step,

@@ -231,8 +231,8 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
     mom_table_len, schedule_step, grad_scale, found_inf, clip_coef) and their HAS_* flags."""
     _check_table(op, "lr_table", lr_table, device)
     _check_table(op, "momentum table", mom_table, device)
-    if (lr_table is not None or mom_table is not None) and schedule_step is None:
-        _fail(op, ": a schedule table needs schedule_step")
+    if any(t is not None and t.numel() > 1 for t in (lr_table, mom_table)) and schedule_step is None:
+        _fail(op, ": a schedule table of more than one entry needs schedule_step")  # else entry 0 is read
     _check_scalar_tensor(op, "schedule_step", schedule_step, device, torch.int64)
     _check_scalar_tensor(op, "grad_scale", grad_scale, device, torch.float32)
     _check_scalar_tensor(op, "found_inf", found_inf, device, torch.float32)
