@@ -443,3 +443,26 @@ def test_bad_arguments(call, match):
 def test_cosine_restarts_total_steps_is_required():
     with pytest.raises(TypeError, match="total_steps"):
         S.cosine_restarts(10)
+
+
+def test_a_tensor_lr_under_a_schedule_is_read_once():
+    """With a schedule, a tensor lr is the base the table scales. It is read into a number once (the key of the
+    resolved tables is compared every step, and reading a GPU tensor there would sync every step), and the lrs
+    the kernels use are that number times the table, as with a float lr."""
+    import fusedopt
+
+    def run(lr):
+        p = torch.zeros(5, requires_grad=True)
+        opt = fusedopt.FusedSGD([p], lr=lr, schedule=S.warmup_cosine(20, 5))
+        lrs = []
+        for _ in range(12):
+            p.grad = torch.ones(5)
+            opt.step()
+            lrs.append(opt.get_last_lr()[0])
+        return opt, p, lrs
+
+    opt_t, p_t, lrs_t = run(torch.tensor(0.1, dtype=torch.float64))
+    _, p_f, lrs_f = run(0.1)
+    assert type(opt_t.param_groups[0]["initial_lr"]) is float
+    assert lrs_t == lrs_f
+    assert torch.equal(p_t, p_f)

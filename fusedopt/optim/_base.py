@@ -252,6 +252,10 @@ class FusedOptimizer(Optimizer):
 
     def _table_key(self, group: dict) -> tuple:
         base = group.get("initial_lr", group["lr"])
+        if isinstance(base, torch.Tensor):
+            # the number the table scales, read once: reading a device tensor every step would sync (and fail
+            # inside CUDA-graph capture)
+            base = group["initial_lr"] = float(base)
         return (float(base), float(self._group_momentum(group)))
 
     def _resolve_tables(self) -> None:
