@@ -14,15 +14,10 @@
 
 #include <optional>
 
+#include "fusedopt/op_args.h"
+
 namespace fusedopt {
 namespace {
-
-// Dense and laid out like the param, so one flat index walks both (the same rule as check_same_layout in
-// fusedopt/op_args.h, which the update ops apply).
-bool same_dense_layout(const at::Tensor& p, const at::Tensor& g) {
-  if (p.is_contiguous() && g.is_contiguous()) return true;
-  return p.is_non_overlapping_and_dense() && g.strides() == p.strides();
-}
 
 bool grads_ready(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads) {
   if (params.size() != grads.size() || params.empty()) return false;
@@ -35,7 +30,8 @@ bool grads_ready(at::TensorList params, const c10::List<std::optional<at::Tensor
     if (g->layout() != at::kStrided || p.layout() != at::kStrided) return false;
     if (p.scalar_type() != dtype || g->scalar_type() != dtype) return false;
     if (p.device() != device || g->device() != device) return false;
-    if (g->sizes() != p.sizes() || !same_dense_layout(p, *g)) return false;
+    // what check_params and check_same_layout (fusedopt/op_args.h) require of params and grads
+    if (g->sizes() != p.sizes() || !p.is_non_overlapping_and_dense() || !walks_like(p, *g)) return false;
   }
   return true;
 }

@@ -18,6 +18,12 @@ using at::Tensor;
 using at::TensorList;
 using OptionalTensor = std::optional<Tensor>;
 
+// True when one flat index walks t and the (dense) param alike: the same strides, or both contiguous (two
+// contiguous tensors walk their elements in the same order even where strides of size-1 dims differ).
+inline bool walks_like(const Tensor& param, const Tensor& t) {
+  return t.numel() <= 1 || t.strides() == param.strides() || (t.is_contiguous() && param.is_contiguous());
+}
+
 // Every tensor the kernels walk must be dense with the param's strides, so one flat index addresses the
 // same element of param, grad and states.
 inline void check_same_layout(const char* op, const char* list_name, const Tensor& param, const Tensor& t,
@@ -26,10 +32,8 @@ inline void check_same_layout(const char* op, const char* list_name, const Tenso
               " but params[", i, "] is on ", param.device());
   TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list_name, "[", i, "] has shape ", t.sizes(),
               " but params[", i, "] has shape ", param.sizes());
-  // Two contiguous tensors walk their elements in the same order even where strides of size-1 dims differ.
-  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides() || (t.is_contiguous() && param.is_contiguous()), op,
-              ": ", list_name, "[", i,
-              "] has strides ", t.strides(), " but params[", i, "] has strides ", param.strides());
+  TORCH_CHECK(walks_like(param, t), op, ": ", list_name, "[", i, "] has strides ", t.strides(), " but params[", i,
+              "] has strides ", param.strides());
 }
 
 // Checks one tensor list against the params. `expect` may be empty (feature off) unless `required`.
