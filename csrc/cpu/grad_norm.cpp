@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
 
 #include <cmath>
@@ -60,22 +59,12 @@ template <NormKind kKind>
 double total_norm(const std::vector<at::Tensor>& grads, double p) {
   const std::vector<WorkItem> items = plan_work(grads);
   std::vector<double> partial(items.size(), 0.0);
-  auto run = [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
-      const WorkItem& item = items[k];
-      const at::Tensor& g = grads[item.tensor];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "fusedopt::grad_norm", [&] {
-        partial[k] = partial_norm<kKind>(g.const_data_ptr<scalar_t>() + item.begin, item.end - item.begin, p);
-      });
-    }
-  };
-  int64_t elements = 0;
-  for (const auto& item : items) elements += item.end - item.begin;
-  if (elements <= kChunkElements) {
-    run(0, static_cast<int64_t>(items.size()));
-  } else {
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, run);
-  }
+  for_each_work_item(items, [&](int64_t k, const WorkItem& item) {
+    const at::Tensor& g = grads[item.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "fusedopt::grad_norm", [&] {
+      partial[k] = partial_norm<kKind>(g.const_data_ptr<scalar_t>() + item.begin, item.end - item.begin, p);
+    });
+  });
   double total = 0.0;
   for (const double part : partial) total = merge<kKind>(total, part);
   if constexpr (kKind == NormKind::kL2) return std::sqrt(total);

@@ -40,21 +40,26 @@ inline std::vector<WorkItem> plan_work(at::TensorList params) {
   return items;
 }
 
-// fn(tensor_index, begin, end) runs once per work item, possibly on several threads at once.
+// fn(k, items[k]) runs once per work item, possibly on several threads at once.
 template <typename Fn>
-void for_each_chunk(at::TensorList params, const Fn& fn) {
-  const std::vector<WorkItem> items = plan_work(params);
-  if (items.empty()) return;
+void for_each_work_item(const std::vector<WorkItem>& items, const Fn& fn) {
   int64_t total = 0;
   for (const auto& item : items) total += item.end - item.begin;
+  const int64_t count = static_cast<int64_t>(items.size());
   if (total <= kChunkElements) {
-    // Less than one work item of elements: waking the thread pool costs more than the update itself.
-    for (const auto& item : items) fn(item.tensor, item.begin, item.end);
+    // Less than one work item of elements: waking the thread pool costs more than the work itself.
+    for (int64_t k = 0; k < count; ++k) fn(k, items[k]);
     return;
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) fn(items[k].tensor, items[k].begin, items[k].end);
+  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) fn(k, items[k]);
   });
+}
+
+// fn(tensor_index, begin, end) runs once per work item of the tensors, possibly on several threads at once.
+template <typename Fn>
+void for_each_chunk(at::TensorList params, const Fn& fn) {
+  for_each_work_item(plan_work(params), [&](int64_t, const WorkItem& item) { fn(item.tensor, item.begin, item.end); });
 }
 
 // The inner loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC function
