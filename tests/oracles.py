@@ -1,6 +1,6 @@
 """Independent reference implementations and comparison helpers shared by the parity tests.
 
-The oracles are torch.optim.AdamW / SGD in their single-tensor form (foreach=False) and lion-pytorch's Lion:
+The oracles are torch.optim.AdamW / Adam / SGD in their single-tensor form (foreach=False) and lion-pytorch's Lion:
 none of them shares code with fusedopt.
 """
 
@@ -23,6 +23,7 @@ TRANSPOSED_GRAD = {(33, 31)}
 
 RULE_CLASSES = {
     "adamw": (fusedopt.FusedAdamW, lambda params, **kw: torch.optim.AdamW(params, foreach=False, **kw)),
+    "adam": (fusedopt.FusedAdam, lambda params, **kw: torch.optim.Adam(params, foreach=False, **kw)),
     "sgd": (fusedopt.FusedSGD, lambda params, **kw: torch.optim.SGD(params, foreach=False, **kw)),
     "lion": (fusedopt.FusedLion, lambda params, **kw: Lion(params, **kw)),
 }
@@ -112,7 +113,8 @@ def assert_close_normwise(actual, expected, tol: float, what: str) -> None:
 
 def state_pairs(rule: str, ours, oracle, ours_params, oracle_params):
     """(name, our state tensor, oracle state tensor) for every param and state key the rule has."""
-    keys = {"adamw": ["exp_avg", "exp_avg_sq"], "sgd": ["momentum_buffer"], "lion": ["exp_avg"]}[rule]
+    keys = {"adamw": ["exp_avg", "exp_avg_sq"], "adam": ["exp_avg", "exp_avg_sq"], "sgd": ["momentum_buffer"],
+            "lion": ["exp_avg"]}[rule]
     for i, (p, q) in enumerate(zip(ours_params, oracle_params)):
         for k in keys:
             a = ours.state[p].get(k)

@@ -678,8 +678,8 @@ def test_float32_matches_torch(sim, name):
         assert [int(s) for s in g.steps] == [STEPS] * len(specs)
 
 
-@pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-momentum-dampening-wd", "sgd-nesterov-maximize",
-                                  "lion"])
+@pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "adam-l2-amsgrad-maximize", "sgd-momentum-dampening-wd",
+                                  "sgd-nesterov-maximize", "lion"])
 def test_float64_matches_torch(sim, name):
     rule, hp, gkw = variant(name)
     specs = standard_specs()

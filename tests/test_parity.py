@@ -21,6 +21,11 @@ CONFIGS = {
         "default": (dict(lr=1e-3), [{}, dict(lr=3e-4, weight_decay=0.1, betas=(0.8, 0.99))]),
         "amsgrad_maximize": (dict(lr=1e-3, amsgrad=True, maximize=True, eps=1e-6), [{}, dict(lr=2e-3, weight_decay=0.0)]),
     },
+    "adam": {  # torch.optim.Adam: L2 weight decay (and, per group, AdamW's decoupled decay)
+        "l2": (dict(lr=1e-3, weight_decay=1e-2), [{}, dict(lr=3e-4, weight_decay=0.1, betas=(0.8, 0.99))]),
+        "amsgrad_decoupled": (dict(lr=1e-3, amsgrad=True, eps=1e-6, weight_decay=0.05, decoupled_weight_decay=True),
+                              [{}, dict(lr=2e-3)]),
+    },
     "sgd": {
         "plain": (dict(lr=1e-2), [{}, dict(lr=5e-3)]),
         "momentum_dampening_wd": (dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-3),
@@ -77,7 +82,7 @@ def test_low_precision_error_bounded_by_torchs_own(rule, config, dtype):
     run of the oracle from the same start and grads: our error must not exceed torch's own error in that
     dtype (x1.5 plus 2 ulps of slack for where the two roundings land on different sides)."""
     options, groups = CONFIGS[rule][config]
-    if rule == "adamw" and dtype == torch.float16:
+    if rule in ("adamw", "adam") and dtype == torch.float16:
         # eps=1e-8 is below float16's smallest subnormal: torch's own float16 AdamW divides 0 by 0 once an
         # exp_avg_sq underflows and returns NaN (the reason float16 training keeps float32 states; see
         # master_weights). Use an eps that float16 can hold so the oracle has an error to compare with.
@@ -95,7 +100,7 @@ def test_low_precision_error_bounded_by_torchs_own(rule, config, dtype):
             f"{rule} {dtype} param {i}: our error vs float64 {our_err:.3e}, torch's {torch_err:.3e}")
 
 
-@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("rule", ["adamw", "adam", "sgd", "lion"])
 def test_params_without_grad_are_untouched_and_counted_like_torch(rule):
     """A param whose grad is None skips the step (no state, no decay), like torch.optim."""
     options, groups = CONFIGS[rule][next(iter(CONFIGS[rule]))]

@@ -28,7 +28,7 @@ import pytest
 import torch
 from lion_pytorch import Lion
 
-from fusedopt import FusedAdamW, FusedLion, FusedSGD, schedules
+from fusedopt import FusedAdam, FusedAdamW, FusedLion, FusedSGD, schedules
 from fusedopt.schedules import ScheduleTable
 
 RTOL = 1e-6
@@ -90,6 +90,19 @@ PAIRS = {
         lambda ps: FusedAdamW(groups(ps, 1e-2, 0.1), lr=1e-2, weight_decay=0.1, amsgrad=True),
         ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     ),
+    "adam": (  # L2 weight decay (torch.optim.Adam's default)
+        lambda ps: torch.optim.Adam(groups(ps, 1e-2, 0.1), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1,
+                                    foreach=False),
+        lambda ps: FusedAdam(groups(ps, 1e-2, 0.1), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+        ("exp_avg", "exp_avg_sq"),
+    ),
+    "adam_decoupled_amsgrad_maximize": (
+        lambda ps: torch.optim.Adam(groups(ps, 1e-2, 0.1), lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True,
+                                    decoupled_weight_decay=True, foreach=False),
+        lambda ps: FusedAdam(groups(ps, 1e-2, 0.1), lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True,
+                             decoupled_weight_decay=True),
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    ),
     "sgd_momentum": (
         lambda ps: torch.optim.SGD(groups(ps, 1e-2, 1e-2), lr=1e-2, momentum=0.9, dampening=0.1,
                                    weight_decay=1e-2, foreach=False),
@@ -118,7 +131,7 @@ PAIRS = {
 def force_single_tensor(opt):
     # a state_dict from fusedopt has no 'foreach'; torch then picks its default (False for CPU tensors
     # anyway): pin the single-tensor path, the one fusedopt mirrors
-    if isinstance(opt, (torch.optim.AdamW, torch.optim.SGD)):
+    if isinstance(opt, (torch.optim.Adam, torch.optim.SGD)):  # torch.optim.AdamW subclasses Adam
         for g in opt.param_groups:
             g["foreach"] = False
 
@@ -177,7 +190,7 @@ def test_fused_to_reference_mid_training(pair):
     assert_match(fused_params, fused, ref_params, ref, keys)
 
 
-@pytest.mark.parametrize("pair", ["adamw", "sgd_nesterov"])
+@pytest.mark.parametrize("pair", ["adamw", "adam", "sgd_nesterov"])
 def test_round_trip_with_a_torch_scheduler_attached(pair):
     """Mid-schedule in torch's sense: a torch LR scheduler on both sides; optimizer and scheduler state move
     from torch to fusedopt and back, and the runs stay together."""
@@ -207,6 +220,26 @@ def test_round_trip_with_a_torch_scheduler_attached(pair):
     run(back, back_params, GRADS[:N_STEPS], back_sched)
     run(fused, fused_params, GRADS[:N_STEPS], fused_sched)
     assert_match(back_params, back, fused_params, fused, keys)
+
+
+def test_adam_checkpoints_carry_the_decay_mode():
+    """decoupled_weight_decay is a param-group key, as in torch.optim.Adam: FusedAdam's checkpoint tells
+    torch.optim.Adam which decay to run, and a torch.optim.Adam checkpoint without the key (torch releases
+    before it existed) means L2 decay, as torch.optim.Adam.__setstate__ assumes."""
+    params = make_params()
+    fused = FusedAdam(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    run(fused, params, GRADS[:3])
+    sd = through_bytes(fused.state_dict())
+    assert [g["decoupled_weight_decay"] for g in sd["param_groups"]] == [True]
+    ref = torch.optim.Adam(clone_params(params), lr=1e-2, weight_decay=0.1, foreach=False)
+    ref.load_state_dict(sd)
+    assert ref.param_groups[0]["decoupled_weight_decay"] is True
+
+    old = torch.optim.Adam(clone_params(params), lr=1e-2, weight_decay=0.1, foreach=False).state_dict()
+    for g in old["param_groups"]:
+        del g["decoupled_weight_decay"]
+    fused.load_state_dict(old)
+    assert fused.param_groups[0]["decoupled_weight_decay"] is False
 
 
 def test_torch_adamw_checkpoint_into_a_table_schedule():

@@ -195,7 +195,9 @@ def split(params, n_groups):
 
 
 def oracle_for(rule, groups):
-    if rule == "adamw":
+    if rule == "adamw":  # groups with decoupled_weight_decay=False are torch.optim.Adam's (L2 decay)
+        if any(g.get("decoupled_weight_decay", True) is False for g in groups):
+            return torch.optim.Adam(groups, foreach=False)
         return torch.optim.AdamW(groups, foreach=False)
     if rule == "sgd":
         return torch.optim.SGD(groups, foreach=False)
@@ -260,6 +262,9 @@ ADAMW_GROUPS = {
                          dict(lr=2e-3, betas=(0.85, 0.995), eps=1e-7, weight_decay=0.0, amsgrad=True,
                               maximize=True)],
 }
+ADAMW_GROUPS["adam_l2"] = [dict(g, decoupled_weight_decay=False, weight_decay=0.05) for g in ADAMW_GROUPS["plain"]]
+ADAMW_GROUPS["adam_l2_amsgrad_maximize"] = [dict(g, decoupled_weight_decay=False)
+                                            for g in ADAMW_GROUPS["amsgrad_maximize"]]
 SGD_GROUPS = {
     "plain": [dict(lr=1e-2), dict(lr=3e-2, weight_decay=1e-2)],
     "momentum": [dict(lr=1e-2, momentum=0.9), dict(lr=5e-3, momentum=0.8, weight_decay=1e-3)],
@@ -298,8 +303,10 @@ F64_TOL = 1e-12  # the same argument with 2**-52 ulps (measured: ~1e-15)
 
 
 @pytest.mark.parametrize("dtype, variant", [(torch.float32, "plain"), (torch.float32, "amsgrad_maximize"),
-                                            (torch.float64, "amsgrad_maximize")])
+                                            (torch.float64, "amsgrad_maximize"), (torch.float32, "adam_l2"),
+                                            (torch.float64, "adam_l2_amsgrad_maximize")])
 def test_adamw_vs_torch(dtype, variant):
+    """AdamW, and torch.optim.Adam (the same kernel with decoupled_weight_decay=False: the adam_* variants)."""
     steps = 100
     runner, ours, (ref,), (oracle,) = run_vs_oracle("adamw", dtype, ADAMW_GROUPS[variant], steps)
     tol = F32_TOL if dtype == torch.float32 else F64_TOL
@@ -904,6 +911,9 @@ CLASS_CASES = {
     "adamw": ("FusedAdamW", lambda groups, **kw: torch.optim.AdamW(groups, foreach=False, **kw),
               [dict(lr=1e-2, weight_decay=1e-2), dict(lr=3e-3, weight_decay=0.0, amsgrad=True)],
               dict(betas=(0.9, 0.99))),
+    "adam": ("FusedAdam", lambda groups, **kw: torch.optim.Adam(groups, foreach=False, **kw),
+             [dict(lr=1e-2, weight_decay=1e-2), dict(lr=3e-3, weight_decay=0.0, amsgrad=True)],
+             dict(betas=(0.9, 0.99))),
     "sgd": ("FusedSGD", lambda groups, **kw: torch.optim.SGD(groups, foreach=False, **kw),
             [dict(lr=1e-2, momentum=0.9, nesterov=True), dict(lr=3e-2, momentum=0.8, dampening=0.1)],
             dict(weight_decay=1e-3)),
@@ -913,7 +923,7 @@ CLASS_CASES = {
 
 
 @pytest.mark.filterwarnings("ignore:fusedopt")  # "the schedule table ... read past its end": on purpose
-@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("rule", ["adamw", "adam", "sgd", "lion"])
 def test_optimizer_class_with_warmup_cosine_vs_lambdalr(rule):
     import fusedopt
     from fusedopt import schedules

@@ -65,4 +65,9 @@ class FusedAdamW(FusedOptimizer):
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
             [s["master_param"] for s in states if "master_param" in s],
             lr, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]), amsgrad,
-            group["maximize"], lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef)
+            group["maximize"], lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
+            decoupled_weight_decay=self._decoupled_weight_decay(group))
+
+    def _decoupled_weight_decay(self, group: dict) -> bool:
+        """AdamW's decay (p *= 1 - lr*wd) always; FusedAdam reads its group's decoupled_weight_decay."""
+        return True

@@ -1,0 +1,74 @@
+"""FusedAdam: torch.optim.Adam's update (L2 weight decay added to the gradient) by FusedAdamW's kernels."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from fusedopt.optim.adamw import FusedAdamW
+from fusedopt.schedules import ScheduleTable
+
+
+class FusedAdam(FusedAdamW):
+    """Adam with the defaults, state keys and update of ``torch.optim.Adam`` (single-tensor form).
+
+    The update (Kingma & Ba, arXiv:1412.6980, as ``torch.optim.Adam`` computes it), per element, with ``g``
+    the gradient (negated when ``maximize``) and ``t`` the param's step counted from 1:
+
+        g = g + weight_decay * p                   (L2 decay; only when weight_decay != 0)
+        m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
+        p = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    (``amsgrad`` uses the running maximum of ``v``.) With ``decoupled_weight_decay=True`` the decay is
+    AdamW's ``p *= 1 - lr * weight_decay`` instead, as in ``torch.optim.Adam``. Both run through the one
+    fused kernel of :class:`fusedopt.FusedAdamW` (the op's ``decoupled_weight_decay`` flag), on every backend.
+
+    Args:
+        params: tensors or param groups (float32, float64, bfloat16 or float16), as for torch.optim.
+        lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as ``torch.optim.Adam``;
+            ``decoupled_weight_decay`` may also differ per param group (the group key torch uses).
+        schedule, backend, max_grad_norm, norm_type, master_weights, and any further keyword argument: as
+            :class:`fusedopt.FusedAdamW`.
+
+    State keys: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad), as torch's, so
+    checkpoints move between ``torch.optim.Adam`` and ``FusedAdam`` in both directions.
+
+    Raises:
+        ValueError: for a hyperparameter torch.optim.Adam rejects, or a non-bool decoupled_weight_decay.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
+                 decoupled_weight_decay: bool = False, *, schedule: Optional[ScheduleTable] = None,
+                 backend: str = "auto", max_grad_norm: Optional[float] = None, norm_type: float = 2.0,
+                 master_weights: bool = False, **kwargs):
+        _check_flag(decoupled_weight_decay)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, schedule=schedule, backend=backend,
+                         max_grad_norm=max_grad_norm, norm_type=norm_type, master_weights=master_weights, **kwargs)
+        # A param-group key, like torch.optim.Adam's: later add_param_group calls take it from the defaults.
+        self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        if "decoupled_weight_decay" in group:
+            _check_flag(group["decoupled_weight_decay"])
+
+    def _decoupled_weight_decay(self, group: dict) -> bool:
+        return group["decoupled_weight_decay"]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A checkpoint of a torch.optim.Adam from before the key existed means L2 decay, as
+        # torch.optim.Adam.__setstate__ assumes (setdefault False).
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
+            groups = [dict(g) if isinstance(g, dict) else g for g in state_dict["param_groups"]]
+            for g in groups:
+                if isinstance(g, dict):
+                    g.setdefault("decoupled_weight_decay", False)
+            state_dict = dict(state_dict, param_groups=groups)
+        super().load_state_dict(state_dict)
+
+
+def _check_flag(value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"decoupled_weight_decay must be a bool, got {value!r}")
