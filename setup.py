@@ -117,7 +117,11 @@ def extensions():
 
     common_defines = []  # torch adds -DPy_LIMITED_API itself when py_limited_api=True
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    # --param=inline-unit-growth: each CPU kernel file instantiates its loop for every (dtype pair, flag) x ISA
+    # clone and must inline the rule and the bf16/fp16 conversions into each; GCC's default budget (+40% of the
+    # file) ran out there, leaving per-element calls (4x slower loops). Clang ignores the option.
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
+                 "--param=inline-unit-growth=400"]
     exts = [
         cpp_extension.CppExtension(
             "fusedopt._C",

@@ -60,7 +60,8 @@ def run_pair(rule: str, dtype: torch.dtype, options: dict, group_options: Sequen
              scheduler_factory: Callable, steps: int, *, backend: str = "cpu", oracle_dtype=None,
              fused_kwargs=None, seed: int = 0):
     """Runs the oracle with a torch scheduler attached and ours with the same scheduler baked into a table.
-    Returns (ours_params, oracle_params, ours_opt, oracle_opt)."""
+    Returns (ours_params, oracle_params, ours_opt, oracle_opt); oracle_opt.lr_history[g] lists group g's lr
+    at every step."""
     ours_cls, oracle_factory = RULE_CLASSES[rule]
     base = make_params(dtype, seed)
     oracle_dtype = oracle_dtype or dtype
@@ -72,12 +73,15 @@ def run_pair(rule: str, dtype: torch.dtype, options: dict, group_options: Sequen
     table = schedules.from_lr_scheduler(scheduler_factory, total_steps=steps + 1)
     ours = ours_cls(split_groups(ours_params, group_options), **options, schedule=table, backend=backend,
                     **(fused_kwargs or {}))
+    oracle.lr_history = [[] for _ in oracle.param_groups]  # the lr of every step, per group
     for t in range(steps):
         grads = make_grads(base, t, seed)
         for p, g in zip(ours_params, grads):
             p.grad = g.clone()
         for p, g in zip(oracle_params, grads):
             p.grad = g.to(oracle_dtype)
+        for history, group in zip(oracle.lr_history, oracle.param_groups):
+            history.append(float(group["lr"]))
         ours.step()
         oracle.step()
         sched.step()

@@ -3,18 +3,18 @@
 Tolerances against torch (float32, rtol=1e-6, atol=1e-6)
     The scalars of every step (1 - lr*wd, lr / bias_correction1, sqrt(bias_correction2), 1 - beta, ...) are
     computed in double and rounded to float once, exactly as torch does when it hands a Python float to a
-    float32 tensor op on its single-tensor (foreach=False) path; the element-wise operations also come in
-    torch's order. What still differs is FMA contraction: torch's vectorized CPU kernels compute
-    ``a + alpha * b`` (add with alpha, addcmul, addcdiv) with one rounding (fused multiply-add on AVX2 /
-    AVX512), fusedopt's kernels are built with -ffp-contract=off and round twice. That is at most one ulp
-    per operation and step, not a drift: after 100 steps the largest difference is ~2e-7 absolute on
-    O(1) params (a few ulps). rtol=1e-6 (~8 ulps) covers it; atol=1e-6 covers elements that pass close to
-    zero, where a 1-ulp absolute difference of a larger intermediate is a large *relative* one. A wrong
+    float32 tensor op on its single-tensor (foreach=False) path; the element-wise operations come in torch's
+    order with torch's roundings (fused multiply-adds where torch's CPU add(alpha=), lerp and addcmul fuse).
+    What still differs: torch's CPU sqrt is one ulp off the correctly rounded square root for ~20% of float32
+    inputs (AdamW's denominator), ours is correctly rounded. That is at most one ulp per step on the affected
+    elements, not a drift: a few ulps after 100 steps. rtol=1e-6 (~8 ulps) covers it; atol=1e-6 covers
+    elements that pass close to zero, where a 1-ulp absolute difference of a larger intermediate is a large
+    *relative* one. A wrong
     scalar (e.g. lr rounded to float before the division by the bias correction, a bias correction off by
     one step, or a lost momentum buffer) shows up at 1e-4 .. 1e-1 and fails.
 
-    Lion moves every element by exactly +-lr, so it agrees with lion-pytorch to the bit unless a sign
-    flips; the same tolerance is used.
+    Lion rounds as lion-pytorch does, so it agrees to the bit unless a sign flips at a tie; the same
+    tolerance is used.
 
 Resume (fusedopt -> fusedopt) is compared bit for bit (torch.equal): the same kernels on the same inputs.
 """

@@ -10,14 +10,16 @@ namespace fusedopt {
 namespace cpu {
 namespace {
 
-// One contiguous range of one tensor. Loop-invariant choices are template parameters and all pointers are
-// restrict, so the loop vectorizes.
-template <bool kMaster, bool kAmsgrad, bool kLerpSmallWeight, typename P, typename S, typename T>
+// One contiguous range of one tensor. Loop-invariant choices are template parameters (see bool_dispatch) and all
+// pointers are restrict, so the loop vectorizes. kL2: Adam's L2 decay with a nonzero weight decay (otherwise
+// the decay's select folds away).
+template <bool kMaster, bool kAmsgrad, bool kLerpSmallWeight, bool kL2, typename P, typename S, typename T>
 FUSEDOPT_CPU_CLONES void adamw_range(P* __restrict__ param, S* __restrict__ master, const P* __restrict__ grad,
                                      S* __restrict__ m, S* __restrict__ v, S* __restrict__ vmax, int64_t n,
                                      AdamWScalars<T> s, const GradTransform<T> transform) {
   s.amsgrad = kAmsgrad;
-  s.lerp_small_weight = kLerpSmallWeight;  // a constant: no control flow left in the loop (bf16 needs that)
+  s.lerp_small_weight = kLerpSmallWeight;
+  if constexpr (!kL2) s.l2_weight_decay = T(0);
   for (int64_t j = 0; j < n; ++j) {
     T p = load_param<kMaster, T>(param, master, j);
     const T g = transform_grad(static_cast<T>(grad[j]), transform);
@@ -49,26 +51,16 @@ void adamw_typed(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
     S* v = exp_avg_sqs[i].data_ptr<S>() + begin;
     S* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<S>() + begin : nullptr;
     const int64_t n = end - begin;
-    // the loop-invariant choices become template arguments
-    auto run = [&](auto master_tag, auto amsgrad_tag, auto small_tag) {
-      adamw_range<decltype(master_tag)::value, decltype(amsgrad_tag)::value, decltype(small_tag)::value>(
-          param, mp, grad, m, v, vmax, n, s, transform);
-    };
-    using True = std::true_type;
-    using False = std::false_type;
-    if (master) {
-      if (amsgrad) {
-        s.lerp_small_weight ? run(True{}, True{}, True{}) : run(True{}, True{}, False{});
-      } else {
-        s.lerp_small_weight ? run(True{}, False{}, True{}) : run(True{}, False{}, False{});
-      }
-    } else {
-      if (amsgrad) {
-        s.lerp_small_weight ? run(False{}, True{}, True{}) : run(False{}, True{}, False{});
-      } else {
-        s.lerp_small_weight ? run(False{}, False{}, True{}) : run(False{}, False{}, False{});
-      }
-    }
+    master_dispatch<P, S>(master, [&](auto master_tag) {
+      bool_dispatch(amsgrad, [&](auto amsgrad_tag) {
+        bool_dispatch(s.lerp_small_weight, [&](auto small_tag) {
+          bool_dispatch(s.l2_weight_decay != T(0), [&](auto l2_tag) {
+            adamw_range<decltype(master_tag)::value, decltype(amsgrad_tag)::value, decltype(small_tag)::value,
+                        decltype(l2_tag)::value>(param, mp, grad, m, v, vmax, n, s, transform);
+          });
+        });
+      });
+    });
   });
 }
 

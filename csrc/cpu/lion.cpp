@@ -33,8 +33,9 @@ void lion_typed(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
     const P* grad = grads[i].data_ptr<P>() + begin;
     S* m = exp_avgs[i].data_ptr<S>() + begin;
     const int64_t n = end - begin;
-    master ? lion_range<true>(param, mp, grad, m, n, s, transform)
-           : lion_range<false>(param, mp, grad, m, n, s, transform);
+    master_dispatch<P, S>(master, [&](auto master_tag) {
+      lion_range<decltype(master_tag)::value>(param, mp, grad, m, n, s, transform);
+    });
   });
 }
 

@@ -8,13 +8,16 @@ namespace fusedopt {
 namespace cpu {
 namespace {
 
-// One contiguous range of one tensor. The momentum buffer is always loaded when it exists (it is zeroed on
-// creation), so the first-step and Nesterov choices are selects and the loop vectorizes.
-template <bool kMaster, bool kMomentum, typename P, typename S, typename T>
+// One contiguous range of one tensor. The loop-invariant choices (master copy, momentum, first step, Nesterov)
+// are template parameters (see bool_dispatch), so the loop vectorizes. The momentum buffer is always loaded
+// when it exists (it is zeroed on creation).
+template <bool kMaster, bool kMomentum, bool kFirstStep, bool kNesterov, typename P, typename S, typename T>
 FUSEDOPT_CPU_CLONES void sgd_range(P* __restrict__ param, S* __restrict__ master, const P* __restrict__ grad,
                                    S* __restrict__ buf, int64_t n, SGDScalars<T> s,
                                    const GradTransform<T> transform) {
   s.use_momentum = kMomentum;
+  s.first_step = kFirstStep;
+  s.nesterov = kNesterov;
   for (int64_t j = 0; j < n; ++j) {
     T p = load_param<kMaster, T>(param, master, j);
     const T g = transform_grad(static_cast<T>(grad[j]), transform);
@@ -35,13 +38,19 @@ void sgd_typed(TensorList params, TensorList grads, TensorList momentum_buffers,
     const P* grad = grads[i].data_ptr<P>() + begin;
     S* buf = s.use_momentum ? momentum_buffers[i].data_ptr<S>() + begin : nullptr;
     const int64_t n = end - begin;
-    if (master) {
-      s.use_momentum ? sgd_range<true, true>(param, mp, grad, buf, n, s, transform)
-                     : sgd_range<true, false>(param, mp, grad, buf, n, s, transform);
-    } else {
-      s.use_momentum ? sgd_range<false, true>(param, mp, grad, buf, n, s, transform)
-                     : sgd_range<false, false>(param, mp, grad, buf, n, s, transform);
-    }
+    master_dispatch<P, S>(master, [&](auto master_tag) {
+      constexpr bool kMaster = decltype(master_tag)::value;
+      if (!s.use_momentum) {
+        sgd_range<kMaster, false, false, false>(param, mp, grad, buf, n, s, transform);
+        return;
+      }
+      bool_dispatch(s.first_step, [&](auto first_tag) {
+        bool_dispatch(s.nesterov, [&](auto nesterov_tag) {
+          sgd_range<kMaster, true, decltype(first_tag)::value, decltype(nesterov_tag)::value>(param, mp, grad, buf,
+                                                                                           n, s, transform);
+        });
+      });
+    });
   });
 }
 
