@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Optional
 
 # import name -> (pip distribution name, the extra that installs it)
 PACKAGES = {
@@ -27,10 +28,11 @@ class MissingDependency(ImportError):
     """An optional dependency of a fusedopt tool is not installed; the message says how to install it."""
 
 
-def install_hint(module: str) -> str:
-    """'pip install "fusedopt[plot]"  (or: pip install matplotlib)' for an import name listed in PACKAGES."""
-    dist, extra = PACKAGES[module]
-    return f'pip install "fusedopt[{extra}]"  (or: pip install {dist})'
+def install_hint(module: str, extra: Optional[str] = None) -> str:
+    """'pip install "fusedopt[plot]"  (or: pip install matplotlib)' for an import name listed in PACKAGES;
+    ``extra`` names another extra that also installs it (e.g. "bench" for matplotlib)."""
+    dist, default_extra = PACKAGES[module]
+    return f'pip install "fusedopt[{extra or default_extra}]"  (or: pip install {dist})'
 
 
 def require(module: str, purpose: str) -> ModuleType:

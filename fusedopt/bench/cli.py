@@ -101,7 +101,7 @@ import torch
 
 import fusedopt
 from fusedopt import backends
-from fusedopt._extras import MissingDependency
+from fusedopt._extras import MissingDependency, install_hint
 from fusedopt.bench.contenders import HYPER, MAX_NORM, all_contenders, stream_contender
 from fusedopt.bench.models import MODEL_NAMES, model_shapes, numel_of
 from fusedopt.bench.report import (HEADER, evaluate_targets, group_rows, group_title, headline, summary,
@@ -301,10 +301,13 @@ def main(argv=None) -> int:
     if not args.no_plot:
         from fusedopt.plot import plot_benchmark
 
+        png_path = os.path.join(out_dir, "results.png")
         try:
-            plot_benchmark(data, os.path.join(out_dir, "results.png"))
+            plot_benchmark(data, png_path)
             written.append("results.png")
-        except MissingDependency as e:  # the tables and files above are the result; the plot is extra
-            print(f"\nfusedopt.bench: no results.png: {e}", file=sys.stderr)
+        except MissingDependency:  # the tables and files above are the result; the plot is extra
+            print(f"\nfusedopt.bench: no results.png: matplotlib is not installed. Install it with "
+                  f"{install_hint('matplotlib', 'bench')}; then draw it with: python -m fusedopt.plot --bench "
+                  f"{json_path} --out {png_path}", file=sys.stderr)
     print(f"\nwrote {', '.join(written)} to {out_dir} ({elapsed:.0f} s of timing)")
     return 0
