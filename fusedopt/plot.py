@@ -141,6 +141,15 @@ def _colors(names: List[str], palette: Sequence) -> Dict[str, object]:
     return {c: palette[index[c] % len(palette)] for c in names}
 
 
+def _count(n: int) -> str:
+    """124439808 -> '124.4M', 4500 -> '4.5k'."""
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
 def _ordered_models(entries: List[dict]) -> List[tuple]:
     """(numel, model) of the models in ``entries``, smallest first."""
     return sorted({(e["numel"], e["model"]) for e in entries})
@@ -204,7 +213,7 @@ def plot_benchmark(data: Union[dict, str], path: Optional[str]):
         ax.set_yscale("log")
         ax.set_xlim(-0.5, len(models) - 0.5)
         ax.set_xticks(range(len(models)))
-        ax.set_xticklabels([f"{m[1]}\n({m[0] / 1e6:.1f}M params)" for m in models], fontsize=9)
+        ax.set_xticklabels([f"{m[1]}\n({_count(m[0])} params)" for m in models], fontsize=9)
         for i in range(1, len(models)):
             ax.axvline(i - 0.5, color="0.85", lw=0.8)  # separate the models' slots
         rule, dtype, scenario = key

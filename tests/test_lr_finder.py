@@ -157,3 +157,25 @@ def test_bad_batch():
     with pytest.raises(TypeError, match="pair"):
         find_lr(make_model(), torch.nn.functional.mse_loss, [torch.zeros(4, D)],
                 lambda params, schedule: fusedopt.FusedSGD(params, schedule=schedule), num_steps=5)
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path):
+    """In an environment without matplotlib (made unimportable by tests/cli_runner.py's shim), plot() raises an
+    ImportError that names the pip command; the measurement itself needs no matplotlib."""
+    from cli_runner import run_code
+
+    out = tmp_path / "lr.png"
+    proc = run_code(f"""
+from fusedopt._extras import MissingDependency
+from fusedopt.lr_finder import LRFinderResult
+result = LRFinderResult(lrs=[1e-3, 1e-2, 1e-1], losses=[1.0, 0.5, 2.0], smoothed_losses=[1.0, 0.6, 1.5],
+                        suggested_lr=1e-2, suggested_index=1, stop_reason="num_steps", min_loss=0.5, min_loss_lr=1e-2)
+try:
+    result.plot({str(out)!r})
+except MissingDependency as e:
+    print(isinstance(e, ImportError), e)
+""", without=["matplotlib"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("True LRFinderResult.plot needs matplotlib, which is not installed")
+    assert 'pip install "fusedopt[plot]"' in proc.stdout
+    assert not out.exists()
