@@ -63,7 +63,9 @@ read-only one of its dtype, each remaining read-only array is added into a read-
 other read-write arrays are scaled in place (``m.mul_(1.0)``), the norm read is a ``sum``. Every element of every
 buffer is touched exactly as often as the rule touches it, in place (a copy into a fresh array would add page
 faults and understate the limit). Buffers hold min(model params, 2^26) elements. In --quick mode the buffers
-fit in the caches, so "% bw" means little there.
+fit in the caches, so "% bw" means little there. "% bw" above 100%: the reference is torch's in-place ops, one
+per pair of arrays; a fused pass over 3-4 arrays keeps more memory streams in flight than such an op, so it can
+move its bytes faster than the reference (a measured bound for torch-op streams, not the hardware's peak).
 
 Statistics: per contender, ``reps`` timed repetitions of ``inner`` steps (``inner`` chosen so a repetition
 lasts about --min-rep-seconds); median, quartiles and min/max of the per-step time. Ratios: median step time
