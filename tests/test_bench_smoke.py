@@ -131,7 +131,9 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     capsys.readouterr()
+    threads = torch.get_num_threads()
     assert bench.main(["--quick", "--out", str(blocker / "sub")]) == 2
+    assert torch.get_num_threads() == threads  # refused before --quick's one thread is set (process-wide)
     assert capsys.readouterr().err.startswith(f"fusedopt.bench: cannot write the results to {blocker / 'sub'}: ")
 
 

@@ -204,9 +204,6 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("fusedopt.bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    threads = args.threads or (1 if args.quick else None)
-    if threads:
-        torch.set_num_threads(threads)
     try:
         if args.models is None:
             models = ([m for m in MODEL_NAMES if m != "gpt2-medium"] if device.type == "cpu" and not args.quick
@@ -231,6 +228,10 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"fusedopt.bench: cannot write the results to {args.out}: {e}", file=sys.stderr)
         return 2
+    # torch's thread count is process-wide: changed only once every argument is known to be good
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
 
     skipped: Dict[str, str] = {}
     contenders = all_contenders(device, skipped, fo_backends)
