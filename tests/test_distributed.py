@@ -7,7 +7,7 @@ Python processes importing torch, then a few tiny 8-step runs per scenario). It 
 `make test` does not deselect: it runs in CI.
 
 Tolerances. fusedopt vs the reference (torch.optim.AdamW / SGD, lion-pytorch's Lion, single-tensor form,
-driven by a LambdaLR that reads the same table): both compute the same float32 operations in the same
+driven by Hugging Face's get_cosine_schedule_with_warmup, the schedule the table mirrors): both compute the same float32 operations in the same
 order; the kernels differ from torch's CPU eager ops by about one ulp in a few of them (lerp, addcmul), and
 from the second step on those ulps flow back through forward and backward into the grads. Over 8 steps that
 stays under 1e-7 of each tensor's scale (measured: 6e-8); the bound is the parity suite's float32 bound, 1e-6
@@ -136,14 +136,12 @@ def test_zero_redundancy_optimizer(results, rule):
     """ZeroRedundancyOptimizer(optimizer_class=Fused*) + DDP gives the same parameters as DDP + the reference
     on all params; each rank's fused optimizer holds only its partition; TableScheduler reports the table."""
     check_run(results, "zero", rule, lion=rule == "lion")
-    from fusedopt import schedules
-
-    table = schedules.warmup_cosine(8, 2)
-    base = {"adamw": 1e-2, "sgd": 5e-2, "lion": 1e-3}[rule]
     for rank in range(WORLD):
         run = results[rank]["zero"][rule]
         assert 0 < run["local_numel"] < run["total_numel"]
-        assert run["logged_lr"] == pytest.approx([table.lr_at(t + 1) * base for t in range(8)], rel=1e-12)
+        # after step t, the lr of step t + 1 under transformers' get_cosine_schedule_with_warmup
+        assert len(run["logged_lr"]) == len(run["expected_lr"]) == 8
+        assert run["logged_lr"] == pytest.approx(run["expected_lr"], rel=1e-12)
     assert results[0]["zero"][rule]["local_numel"] + results[1]["zero"][rule]["local_numel"] == \
         results[0]["zero"][rule]["total_numel"]
 
@@ -157,7 +155,7 @@ def test_distributed_checkpoint_resume(results, rule):
         restored = results[rank]["dcp"][rule]["restored"]
         assert restored["host_step"] == 3
         assert restored["device_steps"] == [3]
-        assert restored["last_lr"] == pytest.approx(restored["expected_lr"], rel=1e-15)
+        assert restored["last_lr"] == pytest.approx(restored["expected_lr"], rel=1e-12)  # HF's lr of step 3
         assert restored["state_types"] == ["DTensor"]
     check_run(results, "dcp", rule, exact=True)
 

@@ -3,9 +3,10 @@
     python tests/distributed/worker.py --rank R --world-size 2 --init-file F --out DIR [--scenarios a,b,...]
 
 Every scenario trains the same tiny model twice from the same initial weights and data, once with fusedopt
-and once with the reference (torch.optim, or lion-pytorch's Lion, driven by a LambdaLR that follows the same
-table), and saves what the test compares to DIR/rank{R}.pt: the full parameters of both runs (gathered with
-full_tensor() for FSDP2, only for the comparison), plus per-scenario extras. The worker asserts nothing: the
+(schedule: TABLE, a warmup_cosine) and once with the reference (torch.optim, or lion-pytorch's Lion, driven by
+Hugging Face's get_cosine_schedule_with_warmup, the schedule TABLE mirrors, never by the table itself), and
+saves what the test compares to DIR/rank{R}.pt: the full parameters of both runs (gathered with full_tensor()
+for FSDP2, only for the comparison), plus per-scenario extras. The worker asserts nothing: the
 test does, so a failure names the scenario, rank and tensor.
 """
 
@@ -27,8 +28,9 @@ from fusedopt import schedules
 from fusedopt.table_scheduler import TableScheduler
 
 STEPS = 8
+WARMUP = 2
 RESUME_AT = 3  # the checkpoint scenario saves after this many steps
-TABLE = schedules.warmup_cosine(STEPS, 2)
+TABLE = schedules.warmup_cosine(STEPS, WARMUP)
 
 
 def model_fn(outputs: int = 1) -> nn.Module:
@@ -63,8 +65,23 @@ def references():
     }
 
 
-def table_lambda(t: int) -> float:
-    return TABLE.lr_at(t)
+def reference_schedule(opt):
+    """The oracle of TABLE: transformers' get_cosine_schedule_with_warmup on the reference optimizer."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(opt, num_warmup_steps=WARMUP, num_training_steps=STEPS)
+
+
+def reference_lrs(base_lr: float, n: int):
+    """The lr of optimizer steps 0..n-1 under reference_schedule, read from a torch optimizer."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    sched = reference_schedule(opt)
+    lrs = []
+    for _ in range(n):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
 
 
 def full_params(model):
@@ -113,7 +130,7 @@ def scenario_ddp(rank, mesh, tmp):
         ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE)
         ref = ref_factory(ref_model.parameters(), **options)
         train(ours_model, ours, rank, STEPS)
-        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref))
         out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model)}
     return out
 
@@ -125,7 +142,7 @@ def scenario_fsdp2(rank, mesh, tmp):
         ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE)
         ref = ref_factory(ref_model.parameters(), **options)
         train(ours_model, ours, rank, STEPS)
-        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref))
         state_types = sorted({type(v).__name__ for s in ours.state.values() for k, v in s.items() if k != "step"})
         local_shapes = [tuple(p.to_local().shape) for p in ours_model.parameters()]
         out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model),
@@ -152,7 +169,7 @@ def scenario_fsdp2_clip(rank, mesh, tmp):
             loss_fn(ours_model, rank, t).backward()
             ours.step()
             ours_norms.append(float(ours.last_grad_norm))
-        ref_norms = train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda),
+        ref_norms = train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref),
                           clip=(0.05, norm_type))
         out[name] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "fused_norms": ours_norms,
                      "ref_norms": ref_norms, "lion": rule == "lion"}
@@ -177,9 +194,10 @@ def scenario_zero(rank, mesh, tmp):
             ours.step()
             sched.step()
             logged.append(sched.get_last_lr()[0])
-        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref))
         local = sum(p.numel() for g in ours.optim.param_groups for p in g["params"])
         out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "logged_lr": logged,
+                     "expected_lr": reference_lrs(options["lr"], STEPS + 1)[1:],
                      "local_numel": local, "total_numel": sum(p.numel() for p in ours_model.parameters())}
     return out
 
@@ -213,7 +231,7 @@ def scenario_dcp(rank, mesh, tmp):
         set_optimizer_state_dict(model2, opt2, state["optim"])
         restored = {"host_step": opt2.schedule_step,
                     "device_steps": [int(g["schedule_step"]) for g in opt2.param_groups],
-                    "last_lr": opt2.get_last_lr(), "expected_lr": [TABLE.lr_at(RESUME_AT) * options["lr"]],
+                    "last_lr": opt2.get_last_lr(), "expected_lr": [reference_lrs(options["lr"], RESUME_AT + 1)[RESUME_AT]],
                     "state_types": sorted({type(v).__name__ for s in opt2.state.values()
                                            for k, v in s.items() if k != "step"})}
         train(model2, opt2, rank, STEPS - RESUME_AT, start=RESUME_AT)
