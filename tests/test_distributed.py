@@ -43,7 +43,9 @@ if not torch.distributed.is_available():
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # TRITON_INTERPRET=1: the fsdp2_triton_master scenario runs the Triton kernels on the ranks' CPU tensors
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     init_file = os.path.join(out, "store")
     procs, logs = [], []
     start = time.monotonic()
@@ -159,3 +161,40 @@ def test_distributed_checkpoint_resume(results, rule):
         assert restored["state_types"] == ["DTensor"]
     check_run(results, "dcp", rule, exact=True)
 
+
+
+@pytest.mark.parametrize("case", ["adamw_l2", "sgd_l1"])
+def test_hsdp_clipping_does_not_sum_over_the_replicated_dimension(results, case):
+    """HSDP (a 2 x 1 replicate x shard mesh, placements (Replicate(), Shard(0))): the fused norm is the norm of
+    the full grads, equal to clip_grad_norm_ on the HSDP model (summing the 2 replicas would give sqrt(2) x the
+    L2 norm, 2 x the L1 norm), and the run matches torch.optim clipped that way."""
+    check_run(results, "hsdp_clip", case)
+    for rank in range(WORLD):
+        run = results[rank]["hsdp_clip"][case]
+        assert run["placements"] == ["(Replicate(), Shard(dim=0))"]
+        assert min(run["ref_norms"]) > 0.05  # clipping is active at every step
+        assert run["fused_norms"] == pytest.approx(run["ref_norms"], rel=1e-6)
+
+
+def test_inf_norm_clipping_with_an_empty_local_shard(results):
+    """Rank 1 holds empty shards of the (1, 9) weight and (1,) bias: fusedopt clips by the inf-norm of the full
+    grads (= get_total_norm of their full_tensor()), where torch's clip_grad_norm_ raises on that rank."""
+    check_run(results, "fsdp2_inf_empty", "adamw_inf")
+    assert results[1]["fsdp2_inf_empty"]["adamw_inf"]["local_shapes"][-2:] == [(0, 9), (0,)]
+    assert "infinity norm on an empty tensor" in results[1]["fsdp2_inf_empty"]["adamw_inf"]["torch_error"]
+    for rank in range(WORLD):
+        run = results[rank]["fsdp2_inf_empty"]["adamw_inf"]
+        assert min(run["ref_norms"]) > 0.05
+        assert run["fused_norms"] == pytest.approx(run["ref_norms"], rel=1e-6)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_fsdp2_with_triton_and_master_weights(results, rule):
+    """bfloat16 FSDP2 params on the Triton backend with master_weights=True: the float32 master copies (DTensor
+    state) follow torch.optim run in float32 on the same grads, and every param is its master copy rounded."""
+    check_run(results, "fsdp2_triton_master", rule, lion=rule == "lion")
+    for rank in range(WORLD):
+        run = results[rank]["fsdp2_triton_master"][rule]
+        assert run["param_is_master_rounded"]
+        assert run["dtypes"] == ["torch.bfloat16", "torch.float32"]
+        assert run["state_types"] == ["DTensor"]

@@ -239,8 +239,108 @@ def scenario_dcp(rank, mesh, tmp):
     return out
 
 
+def scenario_hsdp_clip(rank, mesh, tmp):
+    """README: clipping all-reduces the local norm^p over the mesh dimensions the grads are sharded on, and
+    not over replicated ones. HSDP (fully_shard on a 2-D mesh: replicate x shard = 2 x 1) makes every param a
+    DTensor with placements (Replicate(), Shard(0)); summing over the replicate dimension would make the L2
+    norm sqrt(2) and the L1 norm 2 times too large. Reference: clip_grad_norm_ on the HSDP model + torch.optim."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh2 = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
+    out = {}
+    refs = references()
+    for name, rule, norm_type in (("adamw_l2", "adamw", 2.0), ("sgd_l1", "sgd", 1.0)):
+        fused_cls, ref_factory, options = refs[rule]
+        ours_model, ref_model = fsdp2(model_fn(), mesh2), fsdp2(model_fn(), mesh2)
+        ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE, max_grad_norm=0.05, norm_type=norm_type)
+        ref = ref_factory(ref_model.parameters(), **options)
+        ours_norms = []
+        for t in range(STEPS):
+            ours.zero_grad(set_to_none=True)
+            loss_fn(ours_model, rank, t).backward()
+            ours.step()
+            ours_norms.append(float(ours.last_grad_norm))
+        ref_norms = train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref), clip=(0.05, norm_type))
+        out[name] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "fused_norms": ours_norms,
+                     "ref_norms": ref_norms,
+                     "placements": sorted({str(p.placements) for p in ours_model.parameters()})}
+    return out
+
+
+def scenario_fsdp2_inf_empty(rank, mesh, tmp):
+    """README: torch's clip_grad_norm_ fails on an empty local shard with norm_type=inf, fusedopt does not. The
+    (1, 9) weight and (1,) bias leave rank 1 an empty shard. Reference: torch.optim on the same FSDP2 model,
+    clipped by torch's clip_grads_with_norm_ with the inf-norm of the full grads (get_total_norm over their
+    full_tensor()); records what torch's own clip_grad_norm_ raises on rank 1."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    fused_cls, ref_factory, options = references()["adamw"]
+    ours_model, ref_model = fsdp2(model_fn(), mesh), fsdp2(model_fn(), mesh)
+    ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE, max_grad_norm=0.05, norm_type=math.inf)
+    ref = ref_factory(ref_model.parameters(), **options)
+    sched = reference_schedule(ref)
+    ours_norms, ref_norms, torch_error = [], [], None
+    for t in range(STEPS):
+        ours.zero_grad(set_to_none=True)
+        loss_fn(ours_model, rank, t).backward()
+        ours.step()
+        ours_norms.append(float(ours.last_grad_norm))
+        ref.zero_grad(set_to_none=True)
+        loss_fn(ref_model, rank, t).backward()
+        if t == 0 and rank == 1:
+            # torch's clip_grad_norm_ on the rank whose shards are empty: it raises in the local norm, before the
+            # all-reduce (called on rank 0 too, rank 0 would wait in that all-reduce for a rank that never comes)
+            try:
+                torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05, norm_type=math.inf)
+            except RuntimeError as e:
+                torch_error = str(e)
+        total = torch.nn.utils.get_total_norm([p.grad.full_tensor() for p in ref_model.parameters()], math.inf)
+        torch.nn.utils.clip_grads_with_norm_(ref_model.parameters(), 0.05,
+                                             DTensor.from_local(total, mesh, [Replicate()], run_check=False))
+        ref_norms.append(float(total))
+        ref.step()
+        sched.step()
+    local_shapes = [tuple(p.to_local().shape) for p in ours_model.parameters()]
+    return {"adamw_inf": {"fused": full_params(ours_model), "ref": full_params(ref_model),
+                          "fused_norms": ours_norms, "ref_norms": ref_norms, "torch_error": torch_error,
+                          "local_shapes": local_shapes}}
+
+
+def scenario_fsdp2_triton_master(rank, mesh, tmp):
+    """README: DTensor params work with the Triton backend (here under TRITON_INTERPRET=1 on CPU tensors) and with
+    master weights. bfloat16 FSDP2 model, backend="triton", master_weights=True; reference: torch.optim on a
+    float32 FSDP2 copy started from the same (bfloat16) values and fed the same bfloat16 grads, widened. The
+    float32 master copies must follow it, and each bfloat16 param must be its master copy rounded."""
+    out = {}
+    for rule, (fused_cls, ref_factory, options) in references().items():
+        ours_model = fsdp2(model_fn().to(torch.bfloat16), mesh)
+        ref_model = fsdp2(model_fn().to(torch.bfloat16).to(torch.float32), mesh)
+        ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE, backend="triton", master_weights=True)
+        ref = ref_factory(ref_model.parameters(), **options)
+        sched = reference_schedule(ref)
+        for t in range(STEPS):
+            ours.zero_grad(set_to_none=True)
+            x, y = batch(rank, t)
+            ((ours_model(x.to(torch.bfloat16)).float() - y) ** 2).mean().backward()
+            for p, q in zip(ours_model.parameters(), ref_model.parameters()):
+                q.grad = p.grad.to(torch.float32)
+            ours.step()
+            ref.step()
+            sched.step()
+        params = list(ours_model.parameters())
+        masters = [ours.state[p]["master_param"] for p in params]
+        out[rule] = {"fused": [m.full_tensor().detach().clone() for m in masters], "ref": full_params(ref_model),
+                     "param_is_master_rounded": all(torch.equal(p.full_tensor(), m.full_tensor().to(p.dtype))
+                                                    for p, m in zip(params, masters)),
+                     "dtypes": sorted({str(p.dtype) for p in params} | {str(m.dtype) for m in masters}),
+                     "state_types": sorted({type(v).__name__ for s in ours.state.values()
+                                            for k, v in s.items() if k != "step"})}
+    return out
+
+
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "fsdp2_clip": scenario_fsdp2_clip,
-             "zero": scenario_zero, "dcp": scenario_dcp}
+             "zero": scenario_zero, "dcp": scenario_dcp, "hsdp_clip": scenario_hsdp_clip,
+             "fsdp2_inf_empty": scenario_fsdp2_inf_empty, "fsdp2_triton_master": scenario_fsdp2_triton_master}
 
 
 def main():
