@@ -2,8 +2,9 @@
 processes on the gloo backend on CPU.
 
 One module fixture starts tests/distributed/worker.py twice (ranks 0 and 1), which runs every scenario once
-and saves the full parameters of each run; the tests below compare them. The whole file takes about 25-45 s (two
-Python processes importing torch, then a few tiny 8-step runs per scenario). It is marked `slow`, which
+and saves the full parameters of each run; the tests below compare them. The whole file takes about 30-55 s (two
+Python processes importing torch, then a few tiny 8-step runs per scenario; the HSDP, empty-shard and
+Triton-with-master-weights scenarios add ~7 s of CPU time per rank, mostly the Triton interpreter). It is marked `slow`, which
 `make test` does not deselect: it runs in CI.
 
 Tolerances. fusedopt vs the reference (torch.optim.AdamW / SGD, lion-pytorch's Lion, single-tensor form,
