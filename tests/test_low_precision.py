@@ -46,6 +46,7 @@ FusedAdam is included when fusedopt exports it.
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict
 
 import pytest
@@ -150,13 +151,20 @@ def split_groups(items, group_options):
 # ---------------------------------------------------------------------------------------------------------
 # Ours, behind one interface: step(grads), and per param what the update read / wrote
 # ---------------------------------------------------------------------------------------------------------
+def backend_device(backend):
+    """CPU tensors for the C++ kernels and for Triton under its interpreter; CUDA tensors otherwise."""
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.device("cpu" if backend == "cpu" or interpreted else "cuda")
+
+
 class ClassRun:
-    """Our optimizer class on backend "cpu" or "triton", schedule baked from the oracle's torch scheduler."""
+    """Our optimizer class on a backend of usable_backends(), schedule baked from the oracle's torch scheduler."""
 
     def __init__(self, rule, config, dtype, backend, master, base, oracle_sched_factory):
         cls, _, self.keys, configs = RULES[rule]
         options, groups, _ = configs[config]
-        self.params = [p.clone() for p in base]
+        self.device = backend_device(backend)
+        self.params = [p.clone().to(self.device) for p in base]
         table = schedules.from_lr_scheduler(oracle_sched_factory, total_steps=STEPS + 1)
         self.opt = cls(split_groups(self.params, groups), **options, schedule=table, backend=backend,
                        master_weights=master)
@@ -164,7 +172,7 @@ class ClassRun:
 
     def step(self, grads, hparams):
         for p, g in zip(self.params, grads):
-            p.grad = g.clone()
+            p.grad = g.to(self.device, copy=True)
         self.opt.step()
 
     def read(self, i) -> Dict[str, torch.Tensor]:
@@ -175,10 +183,10 @@ class ClassRun:
         out.update((k, state[k]) for k in self.keys if k in state)
         if "step" in state:
             out["step"] = state["step"]
-        return {k: v.detach().clone() for k, v in out.items()}
+        return {k: v.detach().cpu().clone() for k, v in out.items()}
 
     def visible(self, i):
-        return self.params[i].detach()
+        return self.params[i].detach().cpu()
 
 
 class HostRun:

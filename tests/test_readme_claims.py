@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 
 import pytest
@@ -22,7 +23,8 @@ from conftest import usable_backends
 from fusedopt import schedules
 from oracles import assert_close_normwise, schedule_trace
 
-BACKENDS = usable_backends()
+# the backends that take CPU tensors here (the claims are about the optimizer classes; GPU runs are gpu tests')
+BACKENDS = [b for b in usable_backends() if b == "cpu" or (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
 SHAPES = [(0,), (), (5,), (13, 11), (97,)]
 PAST_END_WARNING = "fusedopt: the schedule table"
 
