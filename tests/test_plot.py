@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fusedopt import plot, schedules
 
@@ -44,17 +45,26 @@ def test_every_builder_name(name):
     assert len(table) >= 1
 
 
-def test_lines_are_the_tables_values(tmp_path):
+def test_lines_are_the_schedules_values(tmp_path):
+    """The plotted lines are the lrs (and momenta) of the schedulers the tables mirror: torch's OneCycleLR and
+    Hugging Face's get_cosine_schedule_with_warmup, read off a torch optimizer with lr 0.5."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from oracles import schedule_trace
+
     tables = {"1cycle": schedules.one_cycle(100), "cos": schedules.warmup_cosine(100, 10)}
     fig = plot.plot_schedules(tables, 100, None, lr=0.5)
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert list(lines["cos: lr"].get_ydata()) == pytest.approx([0.5 * tables["cos"].lr_at(t) for t in range(100)])
-    assert list(lines["1cycle: lr"].get_ydata()) == pytest.approx([0.5 * tables["1cycle"].lr_at(t) for t in range(100)])
+    one_cycle_lr, one_cycle_mom = schedule_trace(
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=100), 100, lr=0.5)
+    cos_lr, _ = schedule_trace(lambda o: get_cosine_schedule_with_warmup(o, 10, 100), 100, lr=0.5)
+    assert list(lines["cos: lr"].get_ydata()) == pytest.approx(cos_lr, rel=1e-12, abs=0)
+    assert list(lines["1cycle: lr"].get_ydata()) == pytest.approx(one_cycle_lr, rel=1e-12, abs=0)
     # momentum on the twin axis of the same plot, only for the table that has one
     mom = {line.get_label(): line for line in fig.axes[1].get_lines()}
     assert set(mom) == {"1cycle: momentum"}
-    assert list(mom["1cycle: momentum"].get_ydata()) == pytest.approx(tables["1cycle"].momentum.tolist())
+    assert list(mom["1cycle: momentum"].get_ydata()) == pytest.approx(one_cycle_mom, rel=1e-12, abs=0)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -7,7 +7,6 @@ the builders use torch's own expressions, so the only differences are a few ulps
 recursive vs. closed forms): rtol=1e-12, atol=0.
 """
 
-import math
 import warnings
 
 import pytest
@@ -108,30 +107,25 @@ def test_linear_warmup_from_zero_matches_lambdalr(warmup):
     assert S.linear_warmup(0).lr_factors.tolist() == [1.0]
 
 
-def hf_cosine(total, warmup, m):
-    def f(step):
-        if step < warmup:
-            return step / warmup
-        p = min(1.0, (step - warmup) / (total - warmup))
-        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
-    return f
-
-
-def hf_linear(total, warmup, m):
-    def f(step):
-        if step < warmup:
-            return step / warmup
-        return m + (1.0 - m) * max(0.0, (total - step) / (total - warmup))
-    return f
-
-
 @pytest.mark.parametrize("total,warmup,m", [(1, 0, 0.0), (50, 0, 0.0), (120, 10, 0.0), (200, 37, 0.05), (9, 8, 0.5)])
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_warmup_cosine_and_linear_match_lambdalr(total, warmup, m, kind):
-    tc = check(S.warmup_cosine(total, warmup_steps=warmup, min_factor=m),
-               lambda o: L.LambdaLR(o, hf_cosine(total, warmup, m)), total + 4, kind)
-    tl = check(S.warmup_linear(total, warmup_steps=warmup, min_factor=m),
-               lambda o: L.LambdaLR(o, hf_linear(total, warmup, m)), total + 4, kind)
+def test_warmup_cosine_and_linear_match_hugging_face(total, warmup, m, kind):
+    """warmup_cosine against transformers' get_cosine_with_min_lr_schedule_with_warmup (min_lr_rate = the floor;
+    get_cosine_schedule_with_warmup when it is 0) for steps 0..total; past total HF's cosine turns back up where
+    a table holds its last entry, so those steps are not compared. warmup_linear against
+    get_polynomial_decay_schedule_with_warmup with power 1 and lr_end = floor * lr, which holds lr_end past the
+    end as the table does (get_linear_schedule_with_warmup when the floor is 0, which holds 0)."""
+    import transformers as hf
+
+    if m:
+        cosine = lambda o: hf.get_cosine_with_min_lr_schedule_with_warmup(o, warmup, total, min_lr_rate=m)  # noqa: E731
+        linear = lambda o: hf.get_polynomial_decay_schedule_with_warmup(  # noqa: E731
+            o, warmup, total, lr_end=m * o.defaults["lr"], power=1.0)
+    else:
+        cosine = lambda o: hf.get_cosine_schedule_with_warmup(o, warmup, total)  # noqa: E731
+        linear = lambda o: hf.get_linear_schedule_with_warmup(o, warmup, total)  # noqa: E731
+    tc = check(S.warmup_cosine(total, warmup_steps=warmup, min_factor=m), cosine, total + 1, kind)
+    tl = check(S.warmup_linear(total, warmup_steps=warmup, min_factor=m), linear, total + 4, kind)
     for t in (tc, tl):
         assert len(t) == total + 1 and t.lr_factors[-1] == m
         assert t.lr_factors[warmup] == 1.0
@@ -221,21 +215,28 @@ def test_polynomial_min_factor():
     assert tab.lr_factors[-1] == 0.1
 
 
-def wsd(total, warmup, decay, m):
-    def f(step):
-        if step < warmup:
-            return step / warmup
-        if decay == 0 or step < total - decay:
-            return 1.0
-        return m + (1 - m) * (total - min(step, total)) / decay
-    return f
+def hf_wsd(total, warmup, decay, m):
+    """transformers' get_wsd_schedule with linear warmup and linear decay (get_constant_schedule_with_warmup when
+    decay == 0: no decay at all, where WSD would drop to min_lr_ratio at the end). One difference is documented:
+    the table's warmup ramps from 0 (t / warmup_steps, as HF's get_*_schedule_with_warmup do) while HF's WSD
+    ramps from min_lr_ratio, so the warmup steps are compared with HF's WSD at min_lr_ratio=0."""
+    import transformers as hf
+
+    def make(o):
+        if decay == 0:
+            return hf.get_constant_schedule_with_warmup(o, warmup)
+        kw = dict(num_training_steps=total, warmup_type="linear", decay_type="linear")
+        ramp = hf.get_wsd_schedule(o, warmup, decay, min_lr_ratio=0.0, **kw).lr_lambdas[0]
+        rest = hf.get_wsd_schedule(o, warmup, decay, min_lr_ratio=m, **kw).lr_lambdas[0]
+        return L.LambdaLR(o, lambda t: ramp(t) if t < warmup else rest(t))
+
+    return make
 
 
 @pytest.mark.parametrize("total,warmup,decay,m", [(100, 10, 20, 0.0), (50, 0, 50, 0.1), (30, 5, 0, 0.0),
                                                   (40, 20, 20, 0.01), (1, 0, 1, 0.0)])
-def test_warmup_stable_decay_matches_lambdalr(total, warmup, decay, m):
-    tab = check(S.warmup_stable_decay(total, warmup, decay, min_factor=m),
-                lambda o: L.LambdaLR(o, wsd(total, warmup, decay, m)), total + 3)
+def test_warmup_stable_decay_matches_hugging_face(total, warmup, decay, m):
+    tab = check(S.warmup_stable_decay(total, warmup, decay, min_factor=m), hf_wsd(total, warmup, decay, m), total + 3)
     assert len(tab) == total + 1
     assert tab.lr_factors[-1] == (m if decay else 1.0)
 

@@ -30,6 +30,14 @@ from lion_pytorch import Lion
 
 from fusedopt import FusedAdamW, FusedLion, FusedSGD, schedules
 from fusedopt.schedules import ScheduleTable
+from oracles import schedule_trace
+
+
+def hf_cosine_lrs(base_lr, warmup, total, n):
+    """The lrs of steps 0..n-1 under transformers' get_cosine_schedule_with_warmup (what warmup_cosine mirrors)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return schedule_trace(lambda o: get_cosine_schedule_with_warmup(o, warmup, total), n, lr=base_lr)[0]
 
 RTOL = 1e-6
 ATOL = 1e-6
@@ -383,20 +391,35 @@ def test_master_weights_survive_save_and_load(name):
 
 def test_state_dict_without_schedule_loads_into_a_schedule():
     """A fusedopt checkpoint from a run without a table (no 'schedule_step' in its groups) resumes a table
-    at the per-param step count, like a torch.optim checkpoint."""
+    at the per-param step count, like a torch.optim checkpoint: the next steps use the lrs that Hugging Face's
+    cosine schedule gives steps 10, 11, 12 (torch.optim.AdamW with the same checkpoint and those lrs)."""
     params = make_params()
     opt = FusedAdamW(params, lr=1e-2)
     run(opt, params, GRADS[:10])
+    ckpt = opt.state_dict()
     params_b = clone_params(params)
     opt_b = FusedAdamW(params_b, lr=1e-2, schedule=schedules.warmup_cosine(40, 5))
-    opt_b.load_state_dict(through_bytes(opt.state_dict()))
+    opt_b.load_state_dict(through_bytes(ckpt))
     assert opt_b.schedule_step == 10
     assert int(opt_b.param_groups[0]["schedule_step"]) == 10
-    assert opt_b.get_last_lr() == [pytest.approx(1e-2 * schedules.warmup_cosine(40, 5).lr_at(10), rel=1e-15)]
+    hf = hf_cosine_lrs(1e-2, 5, 40, 13)
+    assert opt_b.get_last_lr() == [pytest.approx(hf[10], rel=1e-12)]
+    ref_params = clone_params(params)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+    ref.load_state_dict(through_bytes(ckpt))  # its own copy: torch keeps a loaded 'step' tensor as it is
+    force_single_tensor(ref)
+    for t in range(10, 13):
+        ref.param_groups[0]["lr"] = hf[t]
+        run(ref, ref_params, GRADS[t:t + 1])
+        run(opt_b, params_b, GRADS[t:t + 1])
+    assert_match(ref_params, ref, params_b, opt_b, ("exp_avg", "exp_avg_sq"), same_group_lr=False)
 
 
 def test_schedule_checkpoint_loads_without_schedule():
-    """And the other way: a table run's checkpoint into schedule=None drops the device counter."""
+    """And the other way: a table run's checkpoint into schedule=None drops the device counter, and the steps
+    after the load use the group's lr (the base lr: a table never writes group["lr"]). Oracle: the
+    uninterrupted torch.optim.SGD run, 10 steps under Hugging Face's cosine schedule and then 2 steps at the
+    base lr."""
     params = make_params()
     opt = FusedSGD(params, lr=1e-2, momentum=0.9, schedule=schedules.warmup_cosine(40, 5))
     run(opt, params, GRADS[:10])
@@ -404,4 +427,12 @@ def test_schedule_checkpoint_loads_without_schedule():
     opt_b = FusedSGD(params_b, lr=1e-2, momentum=0.9)
     opt_b.load_state_dict(through_bytes(opt.state_dict()))
     assert all("schedule_step" not in g for g in opt_b.param_groups)
+    assert opt_b.get_last_lr() == [1e-2]
     run(opt_b, params_b, GRADS[10:12])
+
+    ref_params = make_params()
+    ref = torch.optim.SGD(ref_params, lr=1e-2, momentum=0.9, foreach=False)
+    for t, lr in enumerate(hf_cosine_lrs(1e-2, 5, 40, 10) + [1e-2, 1e-2]):
+        ref.param_groups[0]["lr"] = lr
+        run(ref, ref_params, GRADS[t:t + 1])
+    assert_match(ref_params, ref, params_b, opt_b, ("momentum_buffer",))
