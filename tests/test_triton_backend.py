@@ -24,7 +24,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # before anything below imports triton's kernels
 
-from conftest import expected_backends, require_backend, require_lion  # noqa: E402
+from conftest import expected_backends, missing, require_backend, require_lion  # noqa: E402
 
 try:
     import triton
@@ -880,7 +880,6 @@ def _can_compile_for_nvidia():
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
-@pytest.mark.skipif(not _can_compile_for_nvidia(), reason="triton's NVIDIA backend (ptxas) is not installed")
 def test_compiled_kernels_keep_the_cpu_numerics():
     """Compiles the three kernels (all dtypes, all controls on; and a variant with everything off) for sm_90
     in a subprocess without TRITON_INTERPRET, and checks the PTX: no FMA and no contractible float add/mul
@@ -889,6 +888,8 @@ def test_compiled_kernels_keep_the_cpu_numerics():
     float64, 2 x 64-bit) vector accesses when the addresses are aligned, and the atomic of AdamW's last
     program, preceded by a block-wide barrier (no warp may still read its step when thread 0 signals that
     the program is done)."""
+    if not _can_compile_for_nvidia():  # part of every triton wheel: a skip where Triton is expected hides breakage
+        missing("triton", "triton's NVIDIA backend (ptxas) is not installed")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -943,9 +944,7 @@ def test_optimizer_class_with_warmup_cosine_vs_lambdalr(rule):
     from fusedopt import schedules
 
     cls_name, oracle_factory, group_opts, defaults = CLASS_CASES[rule]
-    cls = getattr(fusedopt, cls_name, None)
-    if cls is None:
-        pytest.skip(f"fusedopt.{cls_name} is not exported yet")
+    cls = getattr(fusedopt, cls_name)
     total, warmup, min_factor, steps = 80, 10, 0.1, 100  # 100 steps: the table is read past its end
     base = make_params(SIZES, torch.float32, 9, device="cpu")
     idx = split(list(range(len(base))), 2)

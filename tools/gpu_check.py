@@ -131,6 +131,19 @@ def sanitizer_commands(sanitizer: str, python: str) -> List[Tuple[str, List[str]
             for tool in ("memcheck", "racecheck")]
 
 
+def warm_command(python: str) -> List[str]:
+    """Compiles the Triton kernels (into Triton's cache) while the extensions build."""
+    return [python, os.path.join("tools", "gpu_sanitize.py"), "--backends", "triton"]
+
+
+def info_command(python: str) -> List[str]:
+    return [python, "-m", "fusedopt.info", "--json"]
+
+
+def check_command(python: str) -> List[str]:
+    return [python, "-m", "fusedopt.check"]
+
+
 def bench_command(python: str, out: str, seconds: float) -> List[str]:
     return [python, "-m", "fusedopt.bench", "--device", "cuda", "--dtype", "float32",
             "--models", "gpt2-small,resnet50,small-tensors", "--budget", "1.5", "--reps", "3",
@@ -366,8 +379,8 @@ def main(argv=None) -> int:
         argv_b, env_b = build_command(args.python, info["capability"], args.jobs)
         started = time.monotonic()
         proc, log = start(argv_b, {**base_env, **env_b}, os.path.join(out, "build.log"))
-        warm = start([args.python, os.path.join("tools", "gpu_sanitize.py"), "--backends", "triton"],
-                     {**base_env, "FUSEDOPT_TRITON_AUTOTUNE": "0"}, os.path.join(out, "triton-warm.log"))
+        warm = start(warm_command(args.python), {**base_env, "FUSEDOPT_TRITON_AUTOTUNE": "0"},
+                     os.path.join(out, "triton-warm.log"))
         rc, timed_out = finish(proc, log, time.monotonic() + min(BUILD_SECONDS, remaining(SUMMARY_RESERVE)))
         s.seconds = time.monotonic() - started
         s.status = "TIMED OUT" if timed_out else ("ok" if rc == 0 else "FAILED")
@@ -377,8 +390,9 @@ def main(argv=None) -> int:
         print(f"  build: {s.status} in {s.seconds:.0f} s", flush=True)
     if warm is not None:
         finish(*warm, time.monotonic() + min(60.0, max(1.0, remaining(SUMMARY_RESERVE + 120))))
-    subprocess.run([args.python, "-m", "fusedopt.info", "--json"], cwd=ROOT, env=base_env,
-                   stdout=open(os.path.join(out, "info.json"), "w"), stderr=subprocess.DEVNULL, timeout=120)
+    with open(os.path.join(out, "info.json"), "w") as info_file:
+        subprocess.run(info_command(args.python), cwd=ROOT, env=base_env, stdout=info_file,
+                       stderr=subprocess.DEVNULL, timeout=120)
 
     # pytest, the sanitizers and python -m fusedopt.check, side by side
     test_env = dict(base_env, FUSEDOPT_TRITON_AUTOTUNE="0", COLUMNS="250")  # COLUMNS: untruncated summaries
@@ -404,7 +418,7 @@ def main(argv=None) -> int:
                 running.append((tool, time.monotonic(), start(argv_s, san_env, os.path.join(out, f"{tool}.log")),
                                 min(window, time.monotonic() + SANITIZER_SECONDS)))
     check_log = os.path.join(out, "check.txt")
-    running.append(("check", time.monotonic(), start([args.python, "-m", "fusedopt.check"], test_env, check_log),
+    running.append(("check", time.monotonic(), start(check_command(args.python), test_env, check_log),
                     min(window, time.monotonic() + 120)))
     results = {}
     for name, started, (proc, log), until in running:
@@ -419,7 +433,7 @@ def main(argv=None) -> int:
         s.detail = ", ".join(f"{c[k]} {k}" for k in ("passed", "failed", "error", "skipped") if c.get(k))
         stopped = [name for name in shards if results[name][1]]
         failed = [name for name in shards if results[name][0] != 0 and not results[name][1]]
-        s.status = "TIMED OUT" if stopped else ("FAILED" if failed else "ok")
+        s.status = "TIMED OUT" if stopped else ("FAILED" if failed or s.data["failures"] else "ok")
         if stopped:
             s.detail += f" ({', '.join(stopped)} stopped at the {s.seconds:.0f} s limit; the rest did not run)"
     san_parts, san_status, san_secs = [], [], 0.0

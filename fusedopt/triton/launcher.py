@@ -254,15 +254,22 @@ def _check_table(op, name, t, device) -> None:
 # arguments and the same compiled kernel (see _jit.read_controls).
 # ------------------------------------------------------------------------------------------------------------
 
-_DUMMIES: Dict[Tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
+_DUMMIES: Dict[torch.device, Dict[str, torch.Tensor]] = {}
 
 
-def _dummy(device: torch.device, dtype: torch.dtype, value: float = 0.0) -> torch.Tensor:
-    """A read-only two-element tensor holding `value` (never written by any kernel)."""
-    key = (device, dtype, value)
-    if key not in _DUMMIES:
-        _DUMMIES[key] = torch.full((2,), value, dtype=dtype, device=device)
-    return _DUMMIES[key]
+def _dummies(device: torch.device) -> Dict[str, torch.Tensor]:
+    """Read-only two-element tensors with the neutral value of each control, never written by any kernel. All
+    are made at the first call on a device, which is eager (a first call during capture fails earlier, on its
+    work table): one made during a capture would hold its value only once the graph has been replayed."""
+    if device not in _DUMMIES:
+        _DUMMIES[device] = dict(
+            table=torch.zeros(2, dtype=torch.float64, device=device),
+            schedule_step=torch.zeros(2, dtype=torch.int64, device=device),
+            grad_scale=torch.ones(2, dtype=torch.float32, device=device),
+            found_inf=torch.zeros(2, dtype=torch.float32, device=device),
+            clip_coef=torch.ones(2, dtype=torch.float32, device=device),
+        )
+    return _DUMMIES[device]
 
 
 class Controls:
@@ -287,14 +294,14 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
     _check_scalar_tensor(op, "found_inf", found_inf, device, torch.float32)
     _check_scalar_tensor(op, "clip_coef", clip_coef, device, torch.float32)
 
-    def ptr(t, dtype, neutral):
-        return _dummy(device, dtype, neutral) if t is None else t
-
+    dummy = _dummies(device)
     args = (
-        ptr(lr_table, torch.float64, 0.0), 0 if lr_table is None else lr_table.numel(),
-        ptr(mom_table, torch.float64, 0.0), 0 if mom_table is None else mom_table.numel(),
-        ptr(schedule_step, torch.int64, 0),
-        ptr(grad_scale, torch.float32, 1.0), ptr(found_inf, torch.float32, 0.0), ptr(clip_coef, torch.float32, 1.0),
+        dummy["table"] if lr_table is None else lr_table, 0 if lr_table is None else lr_table.numel(),
+        dummy["table"] if mom_table is None else mom_table, 0 if mom_table is None else mom_table.numel(),
+        dummy["schedule_step"] if schedule_step is None else schedule_step,
+        dummy["grad_scale"] if grad_scale is None else grad_scale,
+        dummy["found_inf"] if found_inf is None else found_inf,
+        dummy["clip_coef"] if clip_coef is None else clip_coef,
     )
     return Controls(args, 6)
 
@@ -307,7 +314,7 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
 class GradVector:
     """The addresses of one call's grads on the device (one int64 per tensor)."""
 
-    __slots__ = ("addrs", "aligned", "captured", "nbytes", "staging")
+    __slots__ = ("addrs", "aligned", "captured", "nbytes", "staging", "streams")
 
     def __init__(self, addrs: torch.Tensor, aligned: bool, staging: Optional[torch.Tensor] = None):
         self.addrs = addrs
@@ -315,6 +322,7 @@ class GradVector:
         self.captured = False
         self.nbytes = addrs.numel() * 8
         self.staging = staging  # the pinned host buffer a captured copy re-reads at every replay
+        self.streams = {_stream_id(addrs.device)}  # streams its kernels ran on (see _used_on)
 
 
 class Layout:
@@ -323,7 +331,7 @@ class Layout:
 
     __slots__ = ("rows", "n_rows", "step_table", "n_tensors", "done", "pad", "aligned", "total", "size_class",
                  "field_dtypes", "grad_dtype", "has_steps", "device", "captured", "nbytes", "grad_vectors",
-                 "staging")
+                 "staging", "streams")
 
 
 def size_class(total: int) -> int:
@@ -403,6 +411,21 @@ def _capturing(device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
 
+def _stream_id(device: torch.device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
+def _used_on(entry, tensors, device: torch.device) -> None:
+    """Tells torch's caching allocator that `tensors` (a cached table) are read on the current stream when it
+    is not the one they were allocated on (torch's recipe warms up on a side stream): their memory is then not
+    reused for another stream's allocation before these launches end, when the cache drops them."""
+    stream = _stream_id(device)
+    if stream not in entry.streams:
+        entry.streams.add(stream)
+        for t in tensors:
+            t.record_stream(torch.cuda.current_stream(device))
+
+
 def _aligned(tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors if t.numel() > 0)
 
@@ -447,6 +470,7 @@ def build_layout(fields: Dict[int, Sequence[torch.Tensor]], steps: Optional[Sequ
     layout.nbytes = rows.numel() * 8 + (3 * len(steps) * 8 if steps else 0)
     layout.grad_vectors = collections.OrderedDict()
     layout.staging = _staging(len(params), device)
+    layout.streams = {_stream_id(device)}
     return layout
 
 
@@ -515,8 +539,12 @@ def get_plan(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps, grads: S
         layout.grad_vectors.move_to_end(grad_key)
     if capturing:  # a graph will replay against these: never evict them
         layout.captured = vector.captured = True
-    elif layout.staging is None:
-        layout.staging = _staging(layout.n_tensors, device)
+    else:
+        if layout.staging is None:
+            layout.staging = _staging(layout.n_tensors, device)
+        if device.type == "cuda":
+            _used_on(layout, (layout.rows, layout.step_table, layout.done, layout.pad), device)
+            _used_on(vector, (vector.addrs,), device)
     if missed:
         _evict(layout, vector)
     return layout, vector
