@@ -5,7 +5,8 @@
 # Other targets: make build (recompile the extension), make bench (CPU benchmark), make clean.
 #   make gpu-check  on a machine with a CUDA GPU, in under 8 minutes: build for that GPU against the installed
 #                   torch (no venv), pytest -m gpu, compute-sanitizer, the GPU benchmark headline; results in
-#                   benchmarks/results/<date>-<gpu>/ (tools/gpu_check.py; without a GPU: one line, exit 2)
+#                   benchmarks/results/<date>-<gpu>/ (tools/gpu_check.py; without a GPU: one line, exit 2);
+#                   GPU_CHECK_ARGS="--copy-to DIR" also copies them into DIR
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -47,7 +48,7 @@ bench: $(VENV)/.built
 	$(PY) -m fusedopt.bench --quick
 
 gpu-check:
-	$(PYTHON) tools/gpu_check.py --python $(PYTHON) --jobs $$(nproc)
+	$(PYTHON) tools/gpu_check.py --python $(PYTHON) --jobs $$(nproc) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info fusedopt/*.so $(VENV)

@@ -230,7 +230,9 @@ def test_main_runs_the_stages_and_writes_the_results(monkeypatch, tmp_path, caps
         ("memcheck", replay("memcheck.log")), ("racecheck", replay("racecheck.log"))])
     monkeypatch.setattr(gpu_check, "bench_command", bench)
     monkeypatch.setattr(gpu_check, "lion_site", lambda python, env, out: "")
-    status = gpu_check.main(["--out", str(tmp_path), "--total-seconds", "300"])
+    status = gpu_check.main(["--out", str(tmp_path / "results"), "--total-seconds", "300",
+                             "--copy-to", str(tmp_path / "sent-back")])
+    tmp_path = tmp_path / "results"
     out = capsys.readouterr().out
     # the replayed pytest logs exit 0, but they hold failures; racecheck's log holds a hazard
     assert status == 1
@@ -244,3 +246,4 @@ def test_main_runs_the_stages_and_writes_the_results(monkeypatch, tmp_path, caps
                  "results.json", "summary.md"):
         assert (tmp_path / name).exists(), name
     assert "gpu-check: FAILED (pytest, sanitizer)" in out and "3.50x" in out
+    assert (tmp_path.parent / "sent-back" / "results" / "summary.json").exists()

@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bench-seconds", type=float, default=BENCH_SECONDS, help="the benchmark's --time-limit")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs (MAX_JOBS)")
     p.add_argument("--prepare", action="store_true", help="download the wheels the GPU machine lacks into .whl/")
+    p.add_argument("--copy-to", default=None,
+                   help="also copy the results folder (as benchmarks/results/<date>-<gpu>/) into this folder at the "
+                        "end, e.g. the folder a remote runner sends back")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
@@ -480,6 +483,9 @@ def main(argv=None) -> int:
         json.dump(dict(env=env_info, seconds=round(total, 1), status=status,
                        stages=[asdict(s) for s in shown]), f, indent=2)
     print("\n" + text, flush=True)
+    if args.copy_to:
+        dest = os.path.join(args.copy_to, os.path.relpath(out, ROOT) if out.startswith(ROOT) else os.path.basename(out))
+        shutil.copytree(out, dest, dirs_exist_ok=True)
     return status
 
 
