@@ -9,7 +9,9 @@ FusedSGD (Nesterov momentum) and FusedLion on a handful of tensors (odd sizes, a
 reference: torch.optim.AdamW / SGD (single-tensor, foreach=False) and lion_pytorch.Lion when installed (else
 the Lion update as lion-pytorch writes it, in float64, here: see `_lion_reference`). On every GPU, for each
 backend, it also captures one training step in a CUDA graph after torch's recipe (warm-up on a side stream,
-zero_grad(set_to_none=True)) and checks that three replays equal three eager steps bit for bit.
+zero_grad(set_to_none=True)) and checks that three replays do what three eager steps do (normwise 1e-6: the
+same kernels on the same data, but cuBLAS may pick another algorithm on the capture stream; a replay that
+read stale grads or an lr table at a stale step would be off by orders of magnitude more).
 
 Tolerance: the kernels compute in float32 what the references compute in float32 (float64 for Lion's
 fallback), so after STEPS steps params agree to a few float32 ulps of their scale: normwise 1e-5 (about 80
@@ -121,8 +123,8 @@ def check_parity(rule: str, backend: str, device: torch.device) -> str:
 
 
 def check_graph(backend: str, device: torch.device) -> str:
-    """torch's whole-network capture recipe with FusedAdamW (schedule table, clipping): three replays equal
-    three eager steps bit for bit."""
+    """torch's whole-network capture recipe with FusedAdamW (schedule table, clipping): three replays against
+    three eager steps."""
     from fusedopt import schedules
 
     runs = []
@@ -165,11 +167,13 @@ def check_graph(backend: str, device: torch.device) -> str:
             o0.zero_grad(set_to_none=True)
             iteration(m0, o0, x0, y0)
         torch.cuda.synchronize()
+    worst = 0.0
     for i, (p, q) in enumerate(zip(runs[1][0].parameters(), runs[0][0].parameters())):
-        assert torch.equal(p, q), f"param {i}: replays differ from the eager steps (normwise {_normwise(p, q):.1e})"
+        worst = max(worst, _normwise(p, q))
+        assert worst <= 1e-6, f"param {i}: the replays differ from the eager steps (normwise {worst:.1e})"
     steps = int(runs[1][1].param_groups[0]["schedule_step"])
     assert steps == 6, f"the schedule counter is {steps} after 3 eager steps and 3 replays, expected 6"
-    return "3 warm-up steps, capture, 3 replays == 3 eager steps (bitwise)"
+    return f"warm-up, capture, 3 replays vs 3 eager steps: worst normwise difference {worst:.1e}"
 
 
 def plan(devices: Optional[List[str]] = None, names: Optional[List[str]] = None) -> List[tuple]:

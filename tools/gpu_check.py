@@ -241,7 +241,8 @@ def summarize(env: dict, stages: List[Stage], out: str, bench_rows: List[List[st
     lines = [f"fusedopt gpu-check: {env.get('gpu', '?')} (sm_{env.get('arch', '?').replace('.', '')}), "
              f"torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, triton {env.get('triton', '?')}, "
              f"python {env.get('python', '?')}",
-             f"results: {os.path.relpath(out, ROOT)}/", ""]
+             f"results: {os.path.relpath(out, ROOT)}/" + (f"; lion-pytorch {env['lion']}" if env.get("lion") else ""),
+             ""]
     for s in stages:
         lines.append(f"  {s.name:<10} {s.status:<10} {s.seconds:6.0f} s  {s.detail}")
         if s.name == "pytest" and s.data:
@@ -402,8 +403,11 @@ def main(argv=None) -> int:
     site = lion_site(args.python, test_env, out)
     if site:
         test_env["PYTHONPATH"] = test_env["PYTHONPATH"] + os.pathsep + site
-    elif subprocess.run([args.python, "-c", "import lion_pytorch"], env=test_env, capture_output=True).returncode:
+    if subprocess.run([args.python, "-c", "import lion_pytorch"], env=test_env, capture_output=True).returncode:
         test_env["FUSEDOPT_TESTS_ALLOW_MISSING"] = "lion"  # skipped, with the reason in the summary
+        env_info["lion"] = "MISSING: its comparisons are skipped (python3 tools/gpu_check.py --prepare, carry .whl/)"
+    else:
+        env_info["lion"] = "installed from .whl/" if site else "installed"
     running = []
     bench_reserve = (args.bench_seconds + 60) if "bench" in args.stages else 0
     window = time.monotonic() + max(30.0, min(PYTEST_SECONDS, remaining(bench_reserve + SUMMARY_RESERVE)))
