@@ -3,6 +3,10 @@
 #               FusedAdamW + warmup_cosine beside torch.optim.AdamW + LambdaLR
 #   make test   the same set-up, then the whole test suite (what CI runs, through .ci/run)
 # Other targets: make build (recompile the extension), make bench (CPU benchmark), make clean.
+#   make gpu-check  on a machine with a CUDA GPU, in under 8 minutes: build for that GPU against the installed
+#                   torch (no venv), pytest -m gpu, compute-sanitizer, the GPU benchmark headline; results in
+#                   benchmarks/results/<date>-<gpu>/ (tools/gpu_check.py; without a GPU: one line, exit 2);
+#                   GPU_CHECK_ARGS="--copy-to DIR" also copies them into DIR
 
 # bash for `set -o pipefail` in the build recipe
 SHELL := /bin/bash
@@ -17,7 +21,7 @@ export MAX_JOBS
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test build bench clean venv
+.PHONY: demo test build bench clean venv gpu-check
 
 venv: $(VENV)/.deps
 $(VENV)/.deps:
@@ -52,6 +56,9 @@ test: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PY) -m fusedopt.bench --quick
+
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --python $(PYTHON) --jobs $$(nproc) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info fusedopt/*.so $(VENV)

@@ -344,7 +344,7 @@ def test_torch_refuses_mismatched_grads():
         p.grad = torch.zeros(3, device="meta")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second real device (CUDA)")
+@pytest.mark.gpu  # needs a second real device (CUDA)
 @pytest.mark.parametrize("name", OPTS)
 def test_grad_on_other_device(name):
     opt = trained(name)

@@ -174,6 +174,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, metavar="FOLDER",
                    help="output folder, created if needed (default: a new temporary folder with --quick, else a new "
                         "folder fusedopt-bench-<date>-<device>[-N] in the current folder)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds: start no new (model, rule, dtype, scenario) group after this long; the groups left "
+                        "out are listed under meta.skipped (for a bounded run, e.g. make gpu-check)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -269,6 +272,10 @@ def main(argv=None) -> int:
         print("not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())), flush=True)
     group_seconds = {}
     for i, (model, rule, dtype, scenario) in enumerate(plan):
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+            skipped["time limit"] = (f"--time-limit {args.time_limit:g} s reached; not run: "
+                                     + ", ".join(" ".join(g) for g in plan[i:]))
+            break
         t0 = time.perf_counter()
         entries = run_group(model, shapes[model], rule, dtype, scenario, device, contenders, opts, progress, i, log)
         results += entries
