@@ -4,7 +4,16 @@ A :class:`ScheduleTable` holds, for steps ``0 .. len-1``, a float64 **lr factor*
 group's ``lr`` (so layer-wise learning rates share one shape; for :func:`one_cycle` the group's ``lr`` is the
 peak, like OneCycleLR's ``max_lr``) and optionally an absolute **momentum** value that replaces the group's
 SGD ``momentum`` / Adam and Lion ``betas[0]`` (as OneCycleLR does). Step ``t`` (the number of completed
-optimizer steps) reads entry ``t``; past the end the last entry holds.
+optimizer steps) reads entry ``t``; past the end the last entry holds (the optimizer warns once, naming the held
+lr).
+
+**Length rule.** A builder that takes ``total_steps`` returns exactly ``total_steps`` entries: one per optimizer
+step of a ``total_steps``-step run, entry ``t`` being the value the mirrored torch scheduler (or Hugging Face
+schedule) gives step ``t``. A run of ``total_steps`` steps never reads past the end; size the table with the
+number of optimizer steps you run (``len(loader) * epochs``, divided by gradient-accumulation steps). Builders
+without ``total_steps`` describe a schedule that ends on a value held forever and end with that value:
+``linear_warmup(W)`` has ``W + 1`` entries (the ramp, then 1), ``step_decay`` without ``total_steps`` decays
+until the factor underflows, ``constant()`` has one entry. ``sequential`` has ``milestones[-1] + len(last)``.
 
 The optimizers copy the table to the parameters' device once and their kernels read it there at a
 device-side step counter: there is no Python scheduler and no host sync per step.
@@ -37,6 +46,7 @@ __all__ = [
     "sequential",
     "from_lr_scheduler",
     "BakedSchedule",
+    "NoStandaloneTable",
 ]
 
 # A param group's resolved schedule: absolute lrs per step, and absolute momentum values or None.
@@ -61,9 +71,14 @@ class ScheduleTable:
     """Per-step lr factors and optional momentum values.
 
     Args:
-        lr_factors: 1-D sequence of finite, non-negative factors (one per step).
-        momentum: optional 1-D sequence of momentum / beta1 values in [0, 1), same length.
+        lr_factors: 1-D sequence of finite, non-negative factors, one per optimizer step (entry t is read by
+            the step that follows t completed steps; a run longer than the table holds the last entry).
+        momentum: optional 1-D sequence of finite, non-negative momentum (SGD) / beta1 (Adam, Lion) values,
+            same length. As for torch's schedulers there is no upper bound: OneCycleLR / CyclicLR write
+            ``max_momentum=5`` if asked to, and torch's step (and fusedopt's) uses it.
         name: a label for plots and error messages.
+
+    Raises ValueError naming the first bad entry (empty table, non-finite or negative entry, lengths differ).
     """
 
     def __init__(self, lr_factors, momentum=None, name: str = "custom"):
@@ -78,9 +93,6 @@ class ScheduleTable:
                     f"{name}: momentum table has {self.momentum.numel()} entries but the lr table has "
                     f"{self.lr_factors.numel()}"
                 )
-            if bool((self.momentum >= 1).any()):
-                i = int((self.momentum >= 1).nonzero()[0])
-                raise ValueError(f"{name}: momentum entry {i} is {self.momentum[i].item()}; must be in [0, 1)")
 
     def __len__(self) -> int:
         return self.lr_factors.numel()
@@ -177,9 +189,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_factor: float = 0
     """Linear warmup ``t / warmup_steps``, then a half cosine from 1 down to ``min_factor`` at ``total_steps``.
 
     ``factor = min + (1 - min) * 0.5 * (1 + cos(pi * progress))``, ``progress = (t - W) / (total - W)``
-    (HF ``get_cosine_schedule_with_warmup`` plus a floor). ``total_steps + 1`` entries, so the last one (held
-    after the end) is exactly ``min_factor``. Without warmup and with ``min_factor * lr == eta_min`` this is
-    ``CosineAnnealingLR(T_max=total_steps)`` for steps ``0..total_steps``.
+    (HF ``get_cosine_schedule_with_warmup`` plus a floor), ``total_steps`` entries (steps ``0..total_steps-1``,
+    see the length rule in the module docstring): the factor would reach ``min_factor`` at step
+    ``total_steps``, the first step after the run. Without warmup and with ``min_factor * lr == eta_min`` this is
+    ``CosineAnnealingLR(T_max=total_steps)`` for steps ``0..total_steps-1``.
     """
     _check_warmup_total(total_steps, warmup_steps)
     m = _check_float("min_factor", min_factor, 0.0, 1.0)
@@ -189,20 +202,20 @@ def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_factor: float = 0
         m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * ((t - warmup_steps) / span)))
         for t in range(warmup_steps, total_steps)
     ]
-    vals.append(m)
     return ScheduleTable(vals, name="warmup_cosine")
 
 
 def warmup_linear(total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0) -> ScheduleTable:
     """Linear warmup ``t / warmup_steps``, then a straight line from 1 down to ``min_factor`` at ``total_steps``.
 
-    HF ``get_linear_schedule_with_warmup`` plus a floor; ``total_steps + 1`` entries, the last is ``min_factor``.
+    HF ``get_linear_schedule_with_warmup`` plus a floor; ``total_steps`` entries (the line reaches ``min_factor`` at
+    step ``total_steps``, the first step after the run).
     """
     _check_warmup_total(total_steps, warmup_steps)
     m = _check_float("min_factor", min_factor, 0.0, 1.0)
     span = total_steps - warmup_steps
     vals = [_ramp(t, warmup_steps) for t in range(warmup_steps)]
-    vals += [m + (1.0 - m) * ((total_steps - t) / span) for t in range(warmup_steps, total_steps + 1)]
+    vals += [m + (1.0 - m) * ((total_steps - t) / span) for t in range(warmup_steps, total_steps)]
     return ScheduleTable(vals, name="warmup_linear")
 
 
@@ -242,8 +255,9 @@ def one_cycle(
     div_factor = _check_float("div_factor", div_factor, 0.0, lo_open=True)
     final_div_factor = _check_float("final_div_factor", final_div_factor, 0.0, lo_open=True)
     if cycle_momentum:
-        base_momentum = _check_float("base_momentum", base_momentum, 0.0, 1.0, hi_open=True)
-        max_momentum = _check_float("max_momentum", max_momentum, 0.0, 1.0, hi_open=True)
+        # no upper bound, as OneCycleLR has none (torch's step takes momentum >= 1 too)
+        base_momentum = _check_float("base_momentum", base_momentum, 0.0)
+        max_momentum = _check_float("max_momentum", max_momentum, 0.0)
     anneal = _anneal_cos if anneal_strategy == "cos" else _anneal_linear
 
     init_f = 1.0 / div_factor
@@ -329,14 +343,14 @@ def exponential(gamma: float, total_steps: int) -> ScheduleTable:
 
 
 def polynomial(total_steps: int, power: float = 1.0, min_factor: float = 0.0) -> ScheduleTable:
-    """``(1 - min) * (1 - t / total_steps) ** power + min``, ``total_steps + 1`` entries (the last is ``min``).
+    """``(1 - min) * (1 - t / total_steps) ** power + min`` for steps ``0..total_steps-1`` (``total_steps`` entries).
 
     With ``min_factor=0`` this is ``PolynomialLR(total_iters=total_steps, power=power)``.
     """
     _check_int("total_steps", total_steps, 1)
     power = _check_float("power", power, 0.0, lo_open=True)
     m = _check_float("min_factor", min_factor, 0.0, 1.0)
-    vals = [(1.0 - m) * (1.0 - t / total_steps) ** power + m for t in range(total_steps + 1)]
+    vals = [(1.0 - m) * (1.0 - t / total_steps) ** power + m for t in range(total_steps)]
     return ScheduleTable(vals, name="polynomial")
 
 
@@ -345,8 +359,8 @@ def warmup_stable_decay(
 ) -> ScheduleTable:
     """Warmup-stable-decay (WSD): ``t / warmup_steps``, then 1, then a straight line to ``min_factor``.
 
-    The decay takes the last ``decay_steps`` steps and reaches ``min_factor`` at step ``total_steps``
-    (``total_steps + 1`` entries). ``decay_steps=0`` means no decay (the table ends at 1).
+    The decay takes the last ``decay_steps`` steps and would reach ``min_factor`` at step ``total_steps``, the
+    first step after the run (``total_steps`` entries). ``decay_steps=0`` means no decay (the table ends at 1).
     """
     _check_int("total_steps", total_steps, 1)
     _check_int("warmup_steps", warmup_steps, 0)
@@ -358,7 +372,7 @@ def warmup_stable_decay(
         )
     decay_start = total_steps - decay_steps
     vals = []
-    for t in range(total_steps + 1):
+    for t in range(total_steps):
         if t < warmup_steps:
             vals.append(_ramp(t, warmup_steps))
         elif t < decay_start or decay_steps == 0:
@@ -479,7 +493,10 @@ def _bake(factory, param_groups: Sequence[dict], defaults: dict, total_steps: in
     for group in param_groups:
         sg = {k: copy.deepcopy(v) for k, v in group.items() if k not in ("params", "initial_lr")}
         base_lr = group.get("initial_lr", group["lr"])  # the same base lr as ScheduleTable.resolve
-        sg["lr"] = float(base_lr)
+        # A tensor lr stays a tensor of its dtype: torch's schedulers then compute in that dtype (and write the
+        # lr in place, rounding it to float32 for a float32 lr), so the recorded lrs are the ones they would set
+        # on the user's optimizer, bit for bit. It is a CPU copy: recording it reads it.
+        sg["lr"] = base_lr.detach().to("cpu", copy=True) if isinstance(base_lr, torch.Tensor) else float(base_lr)
         sg["params"] = [torch.zeros(())]
         shadow_groups.append(sg)
     key = _momentum_key(defaults)
@@ -529,13 +546,19 @@ def _bake(factory, param_groups: Sequence[dict], defaults: dict, total_steps: in
     return out
 
 
+class NoStandaloneTable(ValueError, AttributeError):
+    """A BakedSchedule whose factory needs the real param groups has no single-group table to show. An
+    AttributeError too, so that ``getattr(table, "momentum", None)`` and ``hasattr`` see no such attribute."""
+
+
 class BakedSchedule(ScheduleTable):
     """A torch LR scheduler run ahead of time on a shadow optimizer (see :func:`from_lr_scheduler`).
 
     :meth:`resolve` bakes absolute lrs (and momentum, if the scheduler changes it) for the real groups, so
     per-group lambdas, ``max_lr`` lists and the like work. ``lr_factors`` / ``momentum`` are the values for
-    one SGD-like group with ``lr=1.0`` (for plots and inspection); if the factory cannot run on one group,
-    reading them raises (``resolve`` still works).
+    one SGD-like group with ``lr=1.0`` (for plots and inspection); if the factory cannot run on one group
+    (``LambdaLR`` with one lambda per group, ``max_lr=[...]``), reading them raises :class:`NoStandaloneTable`
+    (a ValueError and an AttributeError); ``resolve`` still works, and so do the optimizers.
     """
 
     def __init__(self, factory: Callable, total_steps: int, name: str = "from_lr_scheduler"):
@@ -556,7 +579,7 @@ class BakedSchedule(ScheduleTable):
 
     def _standalone_values(self) -> GroupSchedule:
         if self._standalone is None:
-            raise ValueError(
+            raise NoStandaloneTable(
                 f"{self.name}: no standalone table (the factory failed on a single default group with lr=1.0: "
                 f"{self._standalone_error}); use resolve(param_groups, defaults) for the real groups"
             ) from self._standalone_error
@@ -592,3 +615,42 @@ def from_lr_scheduler(factory: Callable[[torch.optim.Optimizer], "torch.optim.lr
     steps. ReduceLROnPlateau needs a metric and is rejected with a TypeError.
     """
     return BakedSchedule(factory, total_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the optimizers say when `schedule=` is given something else than a table.
+# ----------------------------------------------------------------------------------------------------------
+_BUILDERS = ("constant", "linear_warmup", "warmup_cosine", "warmup_linear", "one_cycle", "step_decay", "exponential",
+             "polynomial", "warmup_stable_decay", "cosine_restarts", "sequential", "from_lr_scheduler")
+_TORCH_SCHEDULER_HINT = ("to drive the lr with a torch LR scheduler, keep schedule=None and attach the scheduler to "
+                         "the optimizer as usual (it works as on torch.optim); to run it on the device instead, bake "
+                         "it: schedule=fusedopt.schedules.from_lr_scheduler(lambda opt: <scheduler>(opt, ...), "
+                         "total_steps)")
+
+
+def schedule_type_error(schedule) -> Optional[str]:
+    """None when `schedule` is a valid ``schedule=`` argument (a ScheduleTable or None), else the message of the
+    TypeError to raise: what was passed, and what to pass instead."""
+    if schedule is None or isinstance(schedule, ScheduleTable):
+        return None
+    head = f"schedule must be a fusedopt.schedules.ScheduleTable or None, got "
+    if callable(schedule) and getattr(schedule, "__module__", None) == __name__ and schedule.__name__ in _BUILDERS:
+        return (head + f"the builder function fusedopt.schedules.{schedule.__name__} itself: call it, e.g. "
+                f"schedule=fusedopt.schedules.{schedule.__name__}(total_steps=...)")
+    if isinstance(schedule, str):
+        name = schedule.strip().lower().replace("-", "_")
+        match = f" (fusedopt.schedules.{name}(...))" if name in _BUILDERS else ""
+        return (head + f"the string {schedule!r}: build a table with one of the builders{match}: "
+                + ", ".join(f"schedules.{b}" for b in _BUILDERS))
+    if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) or (
+            isinstance(schedule, type) and issubclass(schedule, torch.optim.lr_scheduler.LRScheduler)):
+        what = schedule.__name__ if isinstance(schedule, type) else type(schedule).__name__
+        return head + f"a torch LR scheduler ({what}): " + _TORCH_SCHEDULER_HINT
+    if isinstance(schedule, (list, tuple, torch.Tensor)):
+        return (head + f"a {type(schedule).__name__}: wrap per-step lr factors in a table: "
+                "schedule=fusedopt.schedules.ScheduleTable(lr_factors)")
+    if callable(schedule):
+        return (head + f"a callable ({getattr(schedule, '__name__', type(schedule).__name__)}): if it builds a torch "
+                "LR scheduler, " + _TORCH_SCHEDULER_HINT + "; if it maps a step to an lr factor, tabulate it: "
+                "schedule=fusedopt.schedules.ScheduleTable([f(t) for t in range(total_steps)])")
+    return head + f"{type(schedule).__name__}; build one with fusedopt.schedules (e.g. warmup_cosine(total_steps))"

@@ -854,8 +854,8 @@ def _warmup_cosine_factor(total, warmup, min_factor):
     def factor(t):
         if t < warmup:
             return t / warmup
-        if t >= total:
-            return min_factor
+        if t >= total:  # past its end a table holds its last entry, step total - 1's (schedules' length rule)
+            t = total - 1
         return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
     return factor

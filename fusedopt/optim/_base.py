@@ -6,7 +6,12 @@ Data flows one way:
            -> one backend op call per (param group, device, dtype) -> advance the device-side schedule counters
 
 A subclass names its update rule and state keys and implements three small hooks: `_check_group` (the rule's
-argument checks), `_new_state` (the rule's state tensors) and `_call_backend` (one op call for one batch).
+argument checks, construction rule and step-time rule), `_new_state` (the rule's state tensors) and
+`_call_backend` (one op call for one batch).
+
+Tensors we create follow the params to their device and dtype, the way torch.optim's state does: state is
+created at a param's first step, on its device; a counter or state left behind by a move of the params after
+the optimizer was built (``model.cuda()``, ``model.double()``) is moved at the next step.
 
 The other concerns live in their own modules:
     _validation.py  argument checks (torch's wording)        _clipping.py    global grad-norm clipping
@@ -27,7 +32,8 @@ from fusedopt.optim import _clipping
 from fusedopt.optim._batch import PLAIN_TYPES, Batch, dtensor_class, is_dense, to_local
 from fusedopt.optim._checkpoint import CheckpointInterop
 from fusedopt.optim._schedule import ScheduleBookkeeping
-from fusedopt.optim._validation import check_betas, check_fused_options, check_number  # noqa: F401 (re-exported)
+from fusedopt.optim._validation import (  # noqa: F401 (check_betas, check_number: re-exported for the rules)
+    check_betas, check_fused_options, check_number, check_torch_flags, split_named)
 from fusedopt.schedules import ScheduleTable
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -40,10 +46,14 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
     # torch.amp.GradScaler hands grad_scale / found_inf to such optimizers instead of unscaling grads itself.
     _step_supports_amp_scaling = True
     rule: str = ""
+    torch_name: str = ""  # the torch.optim class this one replaces (named in messages)
     state_keys: Tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, schedule: Optional[ScheduleTable], backend: str,
                  max_grad_norm: Optional[float], norm_type: float, master_weights: bool):
+        # torch's order: the hyperparameters, then the params (so params=None with a bad lr says "lr"), then
+        # the implementation flags
+        self._check_group(defaults, strict=True)
         check_fused_options(schedule, backend, max_grad_norm, norm_type, master_weights)
         self.schedule = schedule
         self.backend = backend
@@ -53,6 +63,11 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         self._init_schedule_bookkeeping()
         self._backend_cache: Dict[torch.device, backends.Backend] = {}
         super().__init__(params, defaults)
+        check_torch_flags(type(self).__name__, self.torch_name or type(self).__name__, defaults)
+        if self.schedule is not None:
+            # param_groups show the table's values from the start (torch schedulers set lr at construction too)
+            self._resolve_tables()
+            self._show_schedule()
 
     @property
     def last_grad_norm(self) -> Optional[torch.Tensor]:
@@ -66,36 +81,55 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
     # ------------------------------------------------------------------------------------------------------
     # Param groups
     # ------------------------------------------------------------------------------------------------------
-    def _check_group(self, group: dict) -> None:
-        """The rule's hyperparameter checks (ValueError naming the argument). Called before a group is added
-        and at every step, so hyperparameters edited in param_groups are checked too."""
+    def _check_group(self, group: dict, strict: bool = True) -> None:
+        """The rule's hyperparameter checks (see _validation). strict: the construction rule, for the
+        constructor's arguments and for groups being added; otherwise the step-time rule, for the values a
+        group holds at step() and in a checkpoint (any value torch's step takes; only what the kernels cannot
+        read is refused)."""
         raise NotImplementedError
 
+    @staticmethod
+    def _initial_lr_of(lr):
+        """The base lr a table keeps in group["initial_lr"]: the lr itself, or a CPU copy of a tensor lr (read at
+        every step for free; torch's schedulers keep a clone there too)."""
+        return lr.detach().to("cpu", copy=True) if isinstance(lr, torch.Tensor) else lr
+
     def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's add_param_group (named params, torch's errors), after fusedopt's checks of the group's
+        hyperparameters and params, which raise before the group is added."""
         if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                            "of tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        merged = {**self.defaults, **param_group, "params": params}
-        self._check_group(merged)
+        tensors, names = split_named(params)
+        merged = {**self.defaults, **param_group, "params": tensors}
+        self._check_group(merged, strict=True)
         devices = set()
-        for i, p in enumerate(params):
+        for i, p in enumerate(tensors):
+            where = f"params[{i}]" + (f" ({names[i]!r})" if names else "")
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params[{i}] of a param group is a {type(p).__name__}, not a Tensor")
+                raise TypeError(f"{where} of a param group is a {type(p).__name__}, not a Tensor (optimizer can only "
+                                f"optimize Tensors)")
             if p.is_complex():
-                raise ValueError(f"params[{i}] is complex ({p.dtype}); fusedopt supports real floating params")
+                raise ValueError(f"{where} is complex ({p.dtype}); fusedopt supports real floating params")
             if p.dtype not in _SUPPORTED_DTYPES:
-                raise ValueError(f"params[{i}] has dtype {p.dtype}; supported: float32, float64, bfloat16, float16")
+                raise ValueError(f"{where} has dtype {p.dtype}; supported: float32, float64, bfloat16, float16")
             devices.add(p.device)
         if len(devices) > 1:
             raise ValueError(f"the params of one param group must be on one device, got {sorted(map(str, devices))}; "
                              f"put the params of each device in their own group")
         for device in devices:  # fail now, not at the first step, when no backend can run there
             self._backend_for(device)
+        # the list, not the caller's iterable: a generator (model.parameters()) was consumed above
+        param_group["params"] = params
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if self.schedule is not None:
-            group.setdefault("initial_lr", group["lr"])
+            if "initial_lr" not in group:
+                group["initial_lr"] = self._initial_lr_of(group["lr"])
             device = next(iter(devices)) if devices else torch.device("cpu")
             group["schedule_step"] = self._new_counter(device)
 
@@ -157,8 +191,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         state_of = self.state
         whole_groups = self._whole_group_check_usable()
         for gi, group in enumerate(self.param_groups):
-            self._check_group(group)
-            group_splits = split_first and self._group_splits_first_step(group)
+            group_splits = split_first and self._group_splits_first_step(gi, group)
             if whole_groups and self._collect_whole_group(gi, group["params"], group_splits, batches):
                 continue
             for i, p in enumerate(group["params"]):
@@ -220,7 +253,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
             raise RuntimeError(f"{where}: grad shape {tuple(g.shape)} differs from param shape {tuple(p.shape)}")
         raise RuntimeError(f"{where}: grad is on {g.device} but the param is on {p.device}")
 
-    def _group_splits_first_step(self, group: dict) -> bool:
+    def _group_splits_first_step(self, group_index: int, group: dict) -> bool:
         return False
 
     @staticmethod
@@ -257,6 +290,54 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
             elif g.stride() != p.stride():
                 grads[k] = torch.empty_like(p).copy_(g)  # dense but permuted: give the grad the param's strides
 
+    def _follow_params(self, batch: Batch) -> None:
+        """Move what this optimizer created for the batch's params to where the params are now (they moved after
+        the optimizer was built or after they got state: model.cuda(), model.to(dtype), to_empty): the group's
+        schedule counter, and states and master copies in the wrong place or dtype (the load path's
+        normalization; torch.optim moves state to the params' device on load only). One cheap look per batch:
+        the states of a batch were created, loaded and moved together."""
+        group = self.param_groups[batch.group_index]
+        if self.schedule is not None:
+            self._counter_on(group, batch.device)
+        k = next((k for k, state in enumerate(batch.states) if state), None)
+        if k is None:
+            return
+        p = batch.params[k]
+        if ("master_param" in batch.states[k]) != self._uses_master(p):  # e.g. bf16 params made float32
+            for q, state in zip(batch.params, batch.states):
+                if state:
+                    self._normalize_state(q, state)
+            return
+        for key, value in batch.states[k].items():
+            if key == "step" or not isinstance(value, torch.Tensor):
+                continue
+            expected = torch.float32 if key == "master_param" else self._state_dtype(p)
+            if value.device != p.device or value.dtype != expected:
+                for q, state in zip(batch.params, batch.states):
+                    if state:
+                        self._normalize_state(q, state)
+            return
+
+    def _one_entry_table(self, group_index: int, name: str, value: torch.Tensor, device: torch.device):
+        """A tensor hyperparameter (lr, momentum / beta1) as a one-entry float64 table on the params' device,
+        which the kernels read there (no sync; an in-place change of a device tensor is seen at the next step).
+        A CPU tensor with params elsewhere is read on the host (free) and, when its value changed, written into
+        a device buffer with fill_: the value travels as a kernel argument, never as a (synchronizing, and
+        under CUDA-graph capture illegal) copy from pageable memory; a captured graph keeps the value it saw."""
+        if value.device == device:
+            return value.detach().reshape(1).to(torch.float64)
+        if value.device.type != "cpu":
+            return value.detach().reshape(1).to(device=device, dtype=torch.float64)
+        number = float(value)
+        key = (group_index, name, device)
+        cached = self._host["one_entry"].get(key)
+        if cached is not None and _same_number(cached[0], number):
+            return cached[1]
+        buffer = cached[1] if cached is not None else torch.empty(1, dtype=torch.float64, device=device)
+        buffer.fill_(number)
+        self._host["one_entry"][key] = (number, buffer)
+        return buffer
+
     def _clip_coefficient(self, batches: List[Batch], grad_scale: Optional[torch.Tensor]):
         """{device: clip coefficient} for this step (see _clipping); sets self.last_grad_norm."""
         coefs, total = _clipping.clip_coefficients(batches, self.max_grad_norm, self.norm_type, grad_scale)
@@ -265,34 +346,50 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
 
     def _call_backend(self, backend: backends.Backend, batch: Batch, group: dict, lr: float,
                       lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef) -> None:
+        """One op call for one batch. lr: the group's lr as a number (0.0 where lr_table carries it);
+        lr_table / momentum_table: float64 tables on the batch's device (the schedule's, or a tensor
+        hyperparameter's one entry), read at schedule_step (None for a one-entry table)."""
         raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Performs one optimizer step (and advances the schedule, unless GradScaler found inf/NaN grads)."""
+        """Performs one optimizer step (and advances the schedule, unless GradScaler found inf/NaN grads).
+
+        Raises (before anything is modified) for grads the kernels cannot take, hyperparameters of a type they
+        cannot read, and, with a schedule table, an lr / momentum that something else wrote into a param group
+        (see fusedopt.optim._schedule)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = self._amp_tensors()
-        batches = self._collect()
+        for group in self.param_groups:
+            self._check_group(group, strict=False)
         if self.schedule is not None:
+            self._check_schedule_drivers()
             self._resolve_tables()
+        batches = self._collect()
         for batch in batches:
+            self._follow_params(batch)
             self._prepare(batch)
         coefs = self._clip_coefficient(batches, grad_scale) if self.max_grad_norm is not None else {}
         for batch in batches:
-            group = self.param_groups[batch.group_index]
+            gi = batch.group_index
+            group = self.param_groups[gi]
             device = batch.device
             lr_table = momentum_table = schedule_step = None
             if self.schedule is not None:
-                lr_table, momentum_table = self._device_tables(batch.group_index, device)
+                lr_table, momentum_table = self._device_tables(gi, device)
                 schedule_step = group["schedule_step"]
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):  # a tensor lr is read on the device, as a one-entry table
-                if lr_table is None:
-                    lr_table = lr.detach().reshape(1).to(device=device, dtype=torch.float64)
-                lr = 0.0
+            lr = 0.0
+            if lr_table is None:
+                lr = group["lr"]
+                if isinstance(lr, torch.Tensor):  # read on the device, as a one-entry table
+                    lr_table, lr = self._one_entry_table(gi, "lr", lr, device), 0.0
+            if momentum_table is None and self.momentum_slot:
+                momentum = self._group_momentum(group)
+                if isinstance(momentum, torch.Tensor):  # a scheduler's tensor momentum / beta1, read likewise
+                    momentum_table = self._one_entry_table(gi, "momentum", momentum, device)
             self._call_backend(
                 self._backend_for(device), batch, group, float(lr), lr_table, momentum_table, schedule_step,
                 None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32),
@@ -300,5 +397,11 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
                 coefs.get(device))
             for original, stand_in in batch.write_back:
                 original.copy_(stand_in)
-        self._advance_schedule(found_inf)
+        if self.schedule is not None:
+            self._advance_counters(found_inf)
+            self._advance_host_mirror(found_inf)
         return loss
+
+
+def _same_number(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)

@@ -2,7 +2,17 @@
 checkpoints included, in both directions) and the schedule counter's restore.
 
 State keys are torch.optim's (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``)
-plus ``master_param``; the schedule position is the ``schedule_step`` tensor of each param group.
+plus ``master_param``; param-group keys are torch's (torch's implementation flags ``foreach``, ``fused``,
+``capturable``, ``differentiable`` and ``param_names`` included); the schedule position is the
+``schedule_step`` tensor of each param group.
+
+Group keys that torch's LR schedulers write (``initial_lr``, ``max_lr``, ``min_lr``, ``base_momentum``,
+``max_momentum``, ``swa_lr``, ...) mean what that scheduler means by them. Only ``initial_lr`` means something to
+a schedule table too (the base lr it multiplies), and only in a checkpoint of a table-scheduled fusedopt
+optimizer, recognised by its ``schedule_step``. A checkpoint without one (torch.optim, or fusedopt with
+``schedule=None``) loaded into a table-scheduled optimizer keeps the optimizer's own base lr: OneCycleLR's
+``initial_lr`` is ``max_lr / div_factor``, not the peak ``one_cycle`` multiplies. The other keys are kept as
+they are (for a later move back to torch) and the table ignores them.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ import warnings
 from typing import Dict
 
 import torch
+
+from fusedopt.optim._validation import TORCH_FLAGS
 
 
 class CheckpointInterop:
@@ -29,11 +41,13 @@ class CheckpointInterop:
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
                              f"{len(self.param_groups)}")
         for k, saved in enumerate(saved_groups):
-            missing = sorted(key for key in self.defaults if key not in saved)
+            # torch's flags are optional: older checkpoints and lion-pytorch's have none (set to defaults below)
+            missing = sorted(key for key in self.defaults if key not in saved and key not in TORCH_FLAGS)
             if missing:
                 raise ValueError(f"state_dict is not from a {type(self).__name__}-compatible optimizer: its param "
                                  f"group {k} lacks {missing}")
-            self._check_group({**saved})
+            # values a run wrote (a scheduler's momentum of 5, a tensor beta): the step-time rule, as torch
+            self._check_group({**self.defaults, **saved}, strict=False)
         index_to_param = {}
         for saved, group in zip(saved_groups, self.param_groups):
             if len(saved["params"]) != len(group["params"]):
@@ -58,7 +72,13 @@ class CheckpointInterop:
         return index_to_param
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load_state_dict, after checking that the state_dict fits (nothing is loaded otherwise),
+        keeping float32 master weights and states, and restoring the schedule position (see the module
+        docstring for which base lr a table keeps)."""
         index_to_param = self._check_state_dict(state_dict)
+        from_table = bool(state_dict["param_groups"]) and all(
+            "schedule_step" in g for g in state_dict["param_groups"])
+        own_bases = [g.get("initial_lr") for g in self.param_groups]
         # torch casts floating state to the param dtype on load; float32 master weights and states must
         # survive that, so they are set aside and put back afterwards.
         kept = {}
@@ -77,6 +97,14 @@ class CheckpointInterop:
                 for k, v in kept.get(id(p), {}).items():
                     state[k] = v.detach().to(device=p.device, copy=True)
                 self._normalize_state(p, state)
+        for group in self.param_groups:
+            for flag in TORCH_FLAGS:
+                if flag in self.defaults:
+                    group.setdefault(flag, self.defaults[flag])
+        if self.schedule is not None and not from_table:
+            for group, base in zip(self.param_groups, own_bases):
+                if base is not None:
+                    group["initial_lr"] = base
         self._after_load()
 
     def _normalize_state(self, p: torch.Tensor, state: dict) -> None:
@@ -103,6 +131,8 @@ class CheckpointInterop:
         self._tables = {}
         self._backend_cache = {}
         self._warned_past_end = False
+        self._host["shown"].clear()
+        self._host["one_entry"].clear()
         if self.schedule is None:
             for group in self.param_groups:
                 group.pop("schedule_step", None)
@@ -122,6 +152,9 @@ class CheckpointInterop:
                               f"(set param_groups[i]['schedule_step'] to resume elsewhere)", stacklevel=2)
         self._host_step = step
         for group in self.param_groups:
-            group.setdefault("initial_lr", group["lr"])
+            if "initial_lr" not in group:
+                group["initial_lr"] = self._initial_lr_of(group["lr"])
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             group["schedule_step"] = self._new_counter(device)
+        self._resolve_tables()
+        self._show_schedule()
