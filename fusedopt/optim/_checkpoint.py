@@ -149,7 +149,8 @@ class CheckpointInterop:
             if not steps and self.state:
                 warnings.warn(f"{type(self).__name__}.load_state_dict: the checkpoint has no schedule counter and no "
                               f"per-param 'step' (e.g. from torch.optim.SGD or Lion); the schedule restarts at step 0 "
-                              f"(set param_groups[i]['schedule_step'] to resume elsewhere)", stacklevel=2)
+                              f"(to resume at step k, e.g. a torch scheduler's last_epoch, set opt.schedule_step = k "
+                              f"after loading)", stacklevel=2)
         self._host_step = step
         for group in self.param_groups:
             if "initial_lr" not in group:

@@ -106,8 +106,26 @@ class ScheduleBookkeeping:
     @property
     def schedule_step(self) -> int:
         """Completed steps as the host mirror counts them (the device counters are authoritative; they do not
-        advance on steps that GradScaler skips, which the host cannot see without a sync)."""
+        advance on steps that GradScaler skips, which the host cannot see without a sync).
+
+        Settable: ``opt.schedule_step = k`` moves the schedule to k completed steps (the host mirror and every
+        group's device counter), e.g. to a torch scheduler's ``last_epoch`` when resuming from a torch.optim.SGD
+        checkpoint, which has no per-param step to restore it from."""
         return self._host_step
+
+    @schedule_step.setter
+    def schedule_step(self, step: int) -> None:
+        if self.schedule is None:
+            raise ValueError(f"{type(self).__name__} has no schedule table (schedule=None): there is no "
+                             f"schedule_step to set")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"schedule_step must be an integer >= 0, got {step!r}")
+        self._host_step = step
+        self._warned_past_end = False
+        for group in self.param_groups:
+            group["schedule_step"].fill_(step)
+        self._resolve_tables()
+        self._show_schedule()
 
     # ------------------------------------------------------------------------------------------------------
     # Reading hyperparameters on the host
@@ -304,11 +322,11 @@ class ScheduleBookkeeping:
             self._warned_past_end = True
             held = [t.lr_at(length - 1) for _, t in sorted(self._tables.items())]
             warnings.warn(
-                f"fusedopt: the schedule table {getattr(self.schedule, 'name', '')!r} has {length} entries, one per "
-                f"optimizer step, and step {self._host_step + 1} read past its end: from now on its last entry holds, "
+                f"fusedopt: the schedule table {getattr(self.schedule, 'name', '')!r} has {length} "
+                f"{'entry' if length == 1 else 'entries'}, one per optimizer step, and step {self._host_step + 1} read past its end: from now on its last entry holds, "
                 f"lr = {', '.join(f'{v:.6g}' for v in held)} (per param group). Build the table for the number of "
                 f"optimizer steps you run (total_steps=len(loader) * epochs // gradient_accumulation_steps).",
-                stacklevel=4)  # the caller of step()
+                stacklevel=5)  # the caller of step()
         if not skipped:
             self._host_step += 1
         self._show_schedule()
