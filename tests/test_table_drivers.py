@@ -237,3 +237,23 @@ def test_momentum_column_with_no_upper_bound_matches_torch():
             ref.step()
             sched.step()
     assert math.isclose(float(table.momentum.max()), 1.2)
+
+
+def test_get_optimizer_state_dict_on_a_fresh_table_optimizer():
+    """torch.distributed.checkpoint's get_optimizer_state_dict creates missing state with one step at lr 0
+    (every group's lr set to 0, then put back): with a table that is not a second driver; the step changes no
+    param and does not advance the schedule (a table whose first lr is not 0, so the zeros are visible)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = torch.nn.Linear(4, 3)
+    opt = FusedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, schedule=schedules.one_cycle(10))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = get_optimizer_state_dict(model, opt)
+    assert set(state["state"]) == {"weight", "bias"}
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.schedule_step == int(opt.param_groups[0]["schedule_step"]) == 0
+    assert opt.param_groups[0]["lr"] == opt.get_last_lr()[0] == pytest.approx(1e-2 / 25)
+    params = list(model.parameters())
+    _set_grads(params, 0)
+    opt.step()  # and training goes on
+    assert opt.schedule_step == 1

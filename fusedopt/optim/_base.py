@@ -365,7 +365,11 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         grad_scale, found_inf = self._amp_tensors()
         for group in self.param_groups:
             self._check_group(group, strict=False)
-        if self.schedule is not None:
+        # With a table, every lr set to 0 before the first step asks for a step that only creates the state
+        # (torch.distributed.checkpoint's get_optimizer_state_dict does this on a fresh optimizer): it runs at
+        # lr 0 and does not advance the schedule. Any other lr written into a group is a second driver.
+        scheduled = self.schedule is not None and not self._is_state_creating_step()
+        if scheduled:
             self._check_schedule_drivers()
             self._resolve_tables()
         batches = self._collect()
@@ -378,7 +382,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
             group = self.param_groups[gi]
             device = batch.device
             lr_table = momentum_table = schedule_step = None
-            if self.schedule is not None:
+            if scheduled:
                 lr_table, momentum_table = self._device_tables(gi, device)
                 schedule_step = group["schedule_step"]
             lr = 0.0
@@ -397,10 +401,22 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
                 coefs.get(device))
             for original, stand_in in batch.write_back:
                 original.copy_(stand_in)
-        if self.schedule is not None:
+        if scheduled:
             self._advance_counters(found_inf)
             self._advance_host_mirror(found_inf)
         return loss
+
+    def _is_state_creating_step(self) -> bool:
+        """No state yet and every group's lr set to 0 (a number, or a CPU tensor) by someone else than the table."""
+        if self.state or not self._host["shown"]:
+            return False
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+                return False
+            if float(lr) != 0.0:
+                return False
+        return any(self._host["shown"].get(i, (0.0,))[0] != 0.0 for i in range(len(self.param_groups)))
 
 
 def _same_number(a: float, b: float) -> bool:
