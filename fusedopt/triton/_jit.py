@@ -213,19 +213,20 @@ def read_table(table_ptr, table_len, step, fallback, HAS_TABLE: tl.constexpr):
 
 @device_function
 def read_controls(schedule_step_ptr, lr_table_ptr, lr_table_len, mom_table_ptr, mom_table_len,
-                  grad_scale_ptr, found_inf_ptr, clip_coef_ptr, lr, mom,
+                  grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, mom, wd,
                   HAS_SCHEDULE_STEP: tl.constexpr, HAS_LR_TABLE: tl.constexpr, HAS_MOM_TABLE: tl.constexpr,
                   HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
-                  T_DTYPE: tl.constexpr):
+                  HAS_WD_TABLE: tl.constexpr, T_DTYPE: tl.constexpr):
     """Everything a call reads from device memory besides the tensors themselves, read by every program:
-    the scheduled lr and momentum/beta1 (float64), whether the step runs (found_inf == 0) and the gradient
-    factors of multi_tensor_cpu.h read_grad_transform(), rounded to the math type."""
+    the scheduled lr, momentum/beta1 and weight decay (float64), whether the step runs (found_inf == 0) and
+    the gradient factors of multi_tensor_cpu.h read_grad_transform(), rounded to the math type."""
     if HAS_SCHEDULE_STEP:
         step = tl.load(schedule_step_ptr).to(tl.int64)
     else:
         step = tl.full((), 0, tl.int64)
     lr_now = read_table(lr_table_ptr, lr_table_len, step, lr, HAS_LR_TABLE)
     mom_now = read_table(mom_table_ptr, mom_table_len, step, mom, HAS_MOM_TABLE)
+    wd_now = read_table(wd_table_ptr, wd_table_len, step, wd, HAS_WD_TABLE)
     if HAS_FOUND_INF:
         live = tl.load(found_inf_ptr) == 0.0  # C++: skip when *found_inf != 0.0f (NaN skips too)
     else:
@@ -239,4 +240,4 @@ def read_controls(schedule_step_ptr, lr_table_ptr, lr_table_len, mom_table_ptr, 
         clip_coef = tl.load(clip_coef_ptr).to(T_DTYPE)
     else:
         clip_coef = tl.full((), 1.0, T_DTYPE)
-    return lr_now, mom_now, live, inv_scale, clip_coef
+    return lr_now, mom_now, wd_now, live, inv_scale, clip_coef

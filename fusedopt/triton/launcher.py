@@ -226,12 +226,14 @@ class Controls:
 
 
 def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, grad_scale, found_inf,
-             clip_coef) -> Controls:
+             clip_coef, wd_table=None) -> Controls:
     """check_controls() of op_args.h, then the kernel arguments: (lr_table, lr_table_len, mom_table,
-    mom_table_len, schedule_step, grad_scale, found_inf, clip_coef) and their HAS_* flags."""
+    mom_table_len, schedule_step, grad_scale, found_inf, clip_coef, wd_table, wd_table_len) and their HAS_*
+    flags."""
     _check_table(op, "lr_table", lr_table, device)
     _check_table(op, "momentum table", mom_table, device)
-    if any(t is not None and t.numel() > 1 for t in (lr_table, mom_table)) and schedule_step is None:
+    _check_table(op, "weight_decay_table", wd_table, device)
+    if any(t is not None and t.numel() > 1 for t in (lr_table, mom_table, wd_table)) and schedule_step is None:
         _fail(op, ": a schedule table of more than one entry needs schedule_step")  # else entry 0 is read
     _check_scalar_tensor(op, "schedule_step", schedule_step, device, torch.int64)
     _check_scalar_tensor(op, "grad_scale", grad_scale, device, torch.float32)
@@ -246,6 +248,7 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
         ptr(mom_table, torch.float64), 1 if mom_table is None else mom_table.numel(),
         ptr(schedule_step, torch.int64),
         ptr(grad_scale, torch.float32), ptr(found_inf, torch.float32), ptr(clip_coef, torch.float32),
+        ptr(wd_table, torch.float64), 1 if wd_table is None else wd_table.numel(),
     )
     flags = dict(
         HAS_LR_TABLE=lr_table is not None,
@@ -254,6 +257,7 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
         HAS_CLIP_COEF=clip_coef is not None,
+        HAS_WD_TABLE=wd_table is not None,
     )
     return Controls(args, flags, 6)
 

@@ -27,9 +27,10 @@ POINTERS = {
     "rows_ptr": "*i64", "step_addrs_ptr": "*i64", "done_ptr": "*i32",
     "lr_table_ptr": "*fp64", "beta1_table_ptr": "*fp64", "momentum_table_ptr": "*fp64",
     "schedule_step_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32",
+    "wd_table_ptr": "*fp64",
 }
 ANNOTATED = {"n_tensors": "i64", "lr_table_len": "i64", "beta1_table_len": "i64", "momentum_table_len": "i64",
-             "SIZE_CLASS": "i32"}
+             "wd_table_len": "i64", "SIZE_CLASS": "i32"}
 
 
 def signature(kernel, constexprs):
@@ -77,17 +78,18 @@ def check(kernel, constexprs, capability=90, num_warps=4):
 def variants():
     f32, bf16, f16, f64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
     controls = dict(HAS_LR_TABLE=True, HAS_MOM_TABLE=True, HAS_SCHEDULE_STEP=True, HAS_GRAD_SCALE=True,
-                    HAS_FOUND_INF=True, HAS_CLIP_COEF=True)
+                    HAS_FOUND_INF=True, HAS_CLIP_COEF=True, HAS_WD_TABLE=True)
     no_controls = {k: False for k in controls}
     for p, s, t, master in ((f32, f32, f32, False), (bf16, f32, f32, True), (f16, f16, f32, False),
                             (f64, f64, f64, False)):
         dt = dict(P_DTYPE=p, S_DTYPE=s, T_DTYPE=t, HAS_MASTER=master, ALIGNED=True, SOFT_BF16=False, BLOCK=1024)
-        yield adamw.adamw_kernel, dict(dt, **controls, AMSGRAD=True, MAXIMIZE=True)
+        yield adamw.adamw_kernel, dict(dt, **controls, AMSGRAD=True, MAXIMIZE=True, DECOUPLED=True)
+        yield adamw.adamw_kernel, dict(dt, **controls, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False)
         yield sgd.sgd_kernel, dict(dt, **controls, USE_MOMENTUM=True, FIRST_STEP=False, NESTEROV=True,
                                    MAXIMIZE=False)
         yield lion.lion_kernel, dict(dt, **controls)
     dt = dict(P_DTYPE=f32, S_DTYPE=f32, T_DTYPE=f32, HAS_MASTER=False, ALIGNED=False, SOFT_BF16=False, BLOCK=512)
-    yield adamw.adamw_kernel, dict(dt, **no_controls, AMSGRAD=False, MAXIMIZE=False)
+    yield adamw.adamw_kernel, dict(dt, **no_controls, AMSGRAD=False, MAXIMIZE=False, DECOUPLED=True)
     yield sgd.sgd_kernel, dict(dt, **no_controls, USE_MOMENTUM=False, FIRST_STEP=False, NESTEROV=False,
                                MAXIMIZE=True)
     yield sgd.sgd_kernel, dict(dt, **no_controls, USE_MOMENTUM=True, FIRST_STEP=True, NESTEROV=False,
