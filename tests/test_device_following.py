@@ -32,8 +32,8 @@ class _Recorder:
 
     def backend(self):
         def op(name):
-            def call(*args):
-                self.calls.append((name, args))
+            def call(*args, **kwargs):
+                self.calls.append((name, args + tuple(kwargs.values())))
             return call
         return backends.Backend("recording", op("adamw_"), op("sgd_"), op("lion_"))
 

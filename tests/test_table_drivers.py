@@ -151,6 +151,7 @@ def _with_total_steps(n):
         "polynomial": schedules.polynomial(n, power=2.0),
         "warmup_stable_decay": schedules.warmup_stable_decay(n, n // 3, n // 3),
         "cosine_restarts": schedules.cosine_restarts(2, total_steps=n),
+        "cosine": schedules.cosine(n, 1.0, 0.1),
         "from_lr_scheduler": schedules.from_lr_scheduler(lambda o: L.StepLR(o, 2), n),
     }
 

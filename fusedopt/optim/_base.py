@@ -345,10 +345,11 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         return coefs
 
     def _call_backend(self, backend: backends.Backend, batch: Batch, group: dict, lr: float,
-                      lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef) -> None:
+                      lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef, *,
+                      weight_decay_table=None) -> None:
         """One op call for one batch. lr: the group's lr as a number (0.0 where lr_table carries it);
-        lr_table / momentum_table: float64 tables on the batch's device (the schedule's, or a tensor
-        hyperparameter's one entry), read at schedule_step (None for a one-entry table)."""
+        lr_table / momentum_table / weight_decay_table: float64 tables on the batch's device (the schedule's,
+        or a tensor hyperparameter's one entry), read at schedule_step (None for a one-entry table)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -381,9 +382,9 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
             gi = batch.group_index
             group = self.param_groups[gi]
             device = batch.device
-            lr_table = momentum_table = schedule_step = None
+            lr_table = momentum_table = weight_decay_table = schedule_step = None
             if scheduled:
-                lr_table, momentum_table = self._device_tables(gi, device)
+                lr_table, momentum_table, weight_decay_table = self._device_tables(gi, device)
                 schedule_step = group["schedule_step"]
             lr = 0.0
             if lr_table is None:
@@ -398,7 +399,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
                 self._backend_for(device), batch, group, float(lr), lr_table, momentum_table, schedule_step,
                 None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32),
                 None if found_inf is None else found_inf.to(device=device, dtype=torch.float32),
-                coefs.get(device))
+                coefs.get(device), weight_decay_table=weight_decay_table)
             for original, stand_in in batch.write_back:
                 original.copy_(stand_in)
         if scheduled:

@@ -78,7 +78,7 @@ class CheckpointInterop:
         index_to_param = self._check_state_dict(state_dict)
         from_table = bool(state_dict["param_groups"]) and all(
             "schedule_step" in g for g in state_dict["param_groups"])
-        own_bases = [g.get("initial_lr") for g in self.param_groups]
+        own_bases = [(g.get("initial_lr"), g.get("initial_weight_decay")) for g in self.param_groups]
         # torch casts floating state to the param dtype on load; float32 master weights and states must
         # survive that, so they are set aside and put back afterwards.
         kept = {}
@@ -102,9 +102,10 @@ class CheckpointInterop:
                 if flag in self.defaults:
                     group.setdefault(flag, self.defaults[flag])
         if self.schedule is not None and not from_table:
-            for group, base in zip(self.param_groups, own_bases):
-                if base is not None:
-                    group["initial_lr"] = base
+            for group, bases in zip(self.param_groups, own_bases):
+                for key, base in zip(("initial_lr", "initial_weight_decay"), bases):
+                    if base is not None:
+                        group[key] = base
         self._after_load()
 
     def _normalize_state(self, p: torch.Tensor, state: dict) -> None:

@@ -2,11 +2,12 @@
 device-side step counters (``group["schedule_step"]``), their host mirror (``schedule_step``, ``get_last_lr()``,
 ``get_last_momentum()``), what the param groups show, and the past-the-end warning.
 
-The kernels read the lr (and momentum) of step t from the table on the device at the group's counter, which
-step() advances on the device; the host mirror counts the same steps without reading the device.
+The kernels read the lr (and momentum, and weight decay) of step t from the table on the device at the group's
+counter, which step() advances on the device; the host mirror counts the same steps without reading the device.
 
 With a table, the table drives the lr: ``group["initial_lr"]`` holds the base it multiplies, and after every
-step ``group["lr"]`` (and the momentum / ``betas[0]`` a momentum column drives) shows the value the table gives
+step ``group["lr"]`` (and the momentum / ``betas[0]`` a momentum column drives, and the weight decay a
+weight-decay column drives, its base kept in ``group["initial_weight_decay"]``) shows the value the table gives
 the next step, from the host mirror (no sync), so loops and loggers that read ``param_groups`` see the schedule.
 The optimizer remembers what it showed; a different value found there at the next step was written by
 something else (a torch LR scheduler attached to the same optimizer, a hand edit), and step() raises instead of
@@ -48,14 +49,23 @@ class GroupTables:
     key: tuple  # the hyperparameters the tables were resolved from; re-resolved when they change
     lr: torch.Tensor  # host float64, absolute lr per step
     momentum: Optional[torch.Tensor]  # host float64 or None
-    on_device: Dict[torch.device, Tuple[torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=dict)
+    weight_decay: Optional[torch.Tensor] = None  # host float64 or None: the weight decay per step (shown)
+    kernel_weight_decay: Optional[torch.Tensor] = None  # what the kernel reads (FusedLion: see _kernel_weight_decay)
+    on_device: Dict[torch.device, Tuple] = field(default_factory=dict)  # device -> (lr, momentum, weight decay)
     pinned: list = field(default_factory=list)  # the pinned sources of uploads to GPUs (see upload)
 
+    @staticmethod
+    def _at(column: Optional[torch.Tensor], step: int) -> Optional[float]:
+        return None if column is None else float(column[min(step, column.numel() - 1)])
+
     def lr_at(self, step: int) -> float:
-        return float(self.lr[min(step, self.lr.numel() - 1)])
+        return self._at(self.lr, step)
 
     def momentum_at(self, step: int) -> Optional[float]:
-        return None if self.momentum is None else float(self.momentum[min(step, self.momentum.numel() - 1)])
+        return self._at(self.momentum, step)
+
+    def weight_decay_at(self, step: int) -> Optional[float]:
+        return self._at(self.weight_decay, step)
 
 
 def _same(a, b) -> bool:
@@ -171,7 +181,13 @@ class ScheduleBookkeeping:
         old = self._tables.get(index)
         # a momentum column replaces the group's momentum (which then shows the column): not part of the key
         momentum = None if old is not None and old.momentum is not None else self._number(self._group_momentum(group))
-        return (self._number(self._base_lr(group)), momentum)
+        # the weight decay a column multiplies (a baked torch scheduler may read the group's, too)
+        weight_decay = self._number(group.get("initial_weight_decay", group.get("weight_decay", 0.0)))
+        return (self._number(self._base_lr(group)), momentum, weight_decay)
+
+    def _kernel_weight_decay(self, weight_decay: torch.Tensor) -> torch.Tensor:
+        """The weight-decay column as the kernel reads it (FusedLion's decoupled decay divides it)."""
+        return weight_decay
 
     def _resolve_tables(self) -> bool:
         """Resolve the schedule into absolute per-group tables; redone only when a group's base lr / momentum
@@ -180,25 +196,30 @@ class ScheduleBookkeeping:
         keys = [self._table_key(i, g) for i, g in enumerate(self.param_groups)]
         if len(self._tables) == len(keys) and all(self._tables[i].key == k for i, k in enumerate(keys)):
             return False
-        resolved = self.schedule.resolve(self.param_groups, self.defaults)
-        for i, (lr, mom) in enumerate(resolved):
+        resolved = self.schedule.resolve_columns(self.param_groups, self.defaults)
+        for i, (lr, mom, wd) in enumerate(resolved):
             _check_resolved(self.schedule, i, "learning rate", lr)
             if mom is not None:
                 _check_resolved(self.schedule, i, "momentum", mom)
+            if wd is not None:
+                _check_resolved(self.schedule, i, "weight decay", wd)
         tables = {}
-        for i, (lr, mom) in enumerate(resolved):
+        for i, (lr, mom, wd) in enumerate(resolved):
+            group = self.param_groups[i]
             if mom is not None:
-                keys[i] = (keys[i][0], None)
-            tables[i] = GroupTables(keys[i], lr, mom)
+                keys[i] = (keys[i][0], None, keys[i][2])
+            if wd is not None and "initial_weight_decay" not in group:
+                group["initial_weight_decay"] = group["weight_decay"]  # the base; "weight_decay" shows the column
+            tables[i] = GroupTables(keys[i], lr, mom, wd, None if wd is None else self._kernel_weight_decay(wd))
         self._tables = tables
         return True
 
     def _device_tables(self, group_index: int, device: torch.device):
         tables = self._tables[group_index]
         if device not in tables.on_device:
-            lr = upload(tables.lr, device, tables.pinned)
-            mom = None if tables.momentum is None else upload(tables.momentum, device, tables.pinned)
-            tables.on_device[device] = (lr, mom)
+            tables.on_device[device] = tuple(
+                None if column is None else upload(column, device, tables.pinned)
+                for column in (tables.lr, tables.momentum, tables.kernel_weight_decay))
         return tables.on_device[device]
 
     def _table_has_momentum(self, group_index: int) -> bool:
@@ -215,11 +236,13 @@ class ScheduleBookkeeping:
         shown = self._host["shown"]
         for i, group in enumerate(self.param_groups):
             tables = self._tables[i]
-            lr, momentum = tables.lr_at(step), tables.momentum_at(step)
+            lr, momentum, weight_decay = tables.lr_at(step), tables.momentum_at(step), tables.weight_decay_at(step)
             group["lr"] = lr
             if momentum is not None:
                 self._set_group_momentum(group, momentum)
-            shown[i] = (lr, momentum)
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
+            shown[i] = (lr, momentum, weight_decay)
 
     def _check_schedule_drivers(self) -> None:
         """Raise when a group's lr (or table-driven momentum) is not what the table put there: something else
@@ -229,11 +252,13 @@ class ScheduleBookkeeping:
             seen = self._host["shown"].get(i)
             if seen is None:
                 continue
-            lr, momentum = seen
+            lr, momentum, weight_decay = seen
             if not _same(group["lr"], lr):
                 self._raise_two_drivers(i, "lr", group["lr"], lr)
             if momentum is not None and not _same(self._group_momentum(group), momentum):
                 self._raise_two_drivers(i, what, self._group_momentum(group), momentum)
+            if weight_decay is not None and not _same(group["weight_decay"], weight_decay):
+                self._raise_two_drivers(i, "weight_decay", group["weight_decay"], weight_decay)
 
     def _raise_two_drivers(self, index: int, key: str, found, expected) -> None:
         name = type(self).__name__
@@ -245,7 +270,8 @@ class ScheduleBookkeeping:
             f"(it then works as on torch.optim), or drop the scheduler - to run it as a table instead, bake it: "
             f"schedule=fusedopt.schedules.from_lr_scheduler(lambda opt: <the scheduler>(opt, ...), total_steps). "
             f"To change the base lr the table multiplies, set param_groups[{index}]['initial_lr'] (the groups' "
-            f"'lr' entries are written back after every step). fusedopt.TableScheduler(opt) gives Trainer / "
+            f"'lr' entries are written back after every step; a weight-decay column's base is "
+            f"'initial_weight_decay'). fusedopt.TableScheduler(opt) gives Trainer / "
             f"Lightning a scheduler object that follows the table.")
 
     # ------------------------------------------------------------------------------------------------------

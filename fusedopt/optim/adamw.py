@@ -86,7 +86,7 @@ class FusedAdamW(FusedOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
-                      found_inf, clip_coef) -> None:
+                      found_inf, clip_coef, *, weight_decay_table=None) -> None:
         states = batch.states
         amsgrad = group["amsgrad"]
         if amsgrad:
@@ -96,9 +96,16 @@ class FusedAdamW(FusedOptimizer):
         beta1, beta2 = group["betas"]
         # beta1 is read from momentum_table when there is one (a schedule column, or a tensor beta1)
         beta1 = 0.0 if momentum_table is not None else self._number(beta1)
+        # likewise the weight decay, from a table's weight-decay column when there is one
+        weight_decay = 0.0 if weight_decay_table is not None else self._number(group["weight_decay"])
         backend.adamw_(
             batch.params, batch.grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
             [s["master_param"] for s in states if "master_param" in s],
-            lr, beta1, self._number(beta2), self._number(group["eps"]), self._number(group["weight_decay"]),
-            amsgrad, group["maximize"], lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef)
+            lr, beta1, self._number(beta2), self._number(group["eps"]), weight_decay,
+            amsgrad, group["maximize"], lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
+            weight_decay_table=weight_decay_table, decoupled_weight_decay=self._decoupled_weight_decay(group))
+
+    def _decoupled_weight_decay(self, group: dict) -> bool:
+        """AdamW's decay (p *= 1 - lr*wd) always; FusedAdam reads its group's decoupled_weight_decay."""
+        return True

@@ -53,10 +53,14 @@ class FusedLion(FusedOptimizer):
     def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
 
+    def _kernel_weight_decay(self, weight_decay: torch.Tensor) -> torch.Tensor:
+        # lion-pytorch's decoupled decay divides the weight decay by the initial lr, scheduled or not
+        return weight_decay / self.initial_lr if self.decoupled_weight_decay else weight_decay
+
     def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
-                      found_inf, clip_coef) -> None:
+                      found_inf, clip_coef, *, weight_decay_table=None) -> None:
         states = batch.states
-        weight_decay = self._number(group["weight_decay"])
+        weight_decay = 0.0 if weight_decay_table is not None else self._number(group["weight_decay"])
         if self.decoupled_weight_decay:
             weight_decay /= self.initial_lr
         beta1, beta2 = group["betas"]
@@ -66,4 +70,4 @@ class FusedLion(FusedOptimizer):
             batch.params, batch.grads, [s["exp_avg"] for s in states],
             [s["master_param"] for s in states if "master_param" in s],
             lr, beta1, self._number(beta2), weight_decay, lr_table, momentum_table, schedule_step, grad_scale,
-            found_inf, clip_coef)
+            found_inf, clip_coef, weight_decay_table=weight_decay_table)

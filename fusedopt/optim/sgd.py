@@ -75,7 +75,7 @@ class FusedSGD(FusedOptimizer):
         pass  # the momentum buffer is created in _call_backend, on the param's first step with momentum
 
     def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
-                      found_inf, clip_coef) -> None:
+                      found_inf, clip_coef, *, weight_decay_table=None) -> None:
         states = batch.states
         use_momentum = self._uses_momentum(batch.group_index, group)
         if use_momentum and batch.first_step:
@@ -85,9 +85,10 @@ class FusedSGD(FusedOptimizer):
                                                         memory_format=torch.preserve_format)
         # momentum is read from momentum_table when there is one (a schedule column, or a tensor momentum)
         momentum = 0.0 if momentum_table is not None else self._number(group["momentum"])
+        weight_decay = 0.0 if weight_decay_table is not None else self._number(group["weight_decay"])
         backend.sgd_(
             batch.params, batch.grads, [s["momentum_buffer"] for s in states] if use_momentum else [],
             [s["master_param"] for s in states if "master_param" in s],
-            lr, momentum, self._number(group["dampening"]), self._number(group["weight_decay"]),
+            lr, momentum, self._number(group["dampening"]), weight_decay,
             group["nesterov"], group["maximize"], batch.first_step, lr_table, momentum_table, schedule_step,
-            grad_scale, found_inf, clip_coef)
+            grad_scale, found_inf, clip_coef, weight_decay_table=weight_decay_table)
