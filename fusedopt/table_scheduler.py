@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 

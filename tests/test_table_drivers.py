@@ -25,7 +25,6 @@ from torch.optim import lr_scheduler as L
 import fusedopt
 from fusedopt import FusedAdamW, FusedLion, FusedSGD, schedules
 from fusedopt import _ops
-from fusedopt.schedules import ScheduleTable
 
 
 def _params(seed=0):

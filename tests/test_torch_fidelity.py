@@ -20,7 +20,6 @@ import torch
 from torch.optim import lr_scheduler as L
 from torch.optim.swa_utils import SWALR
 
-import fusedopt
 from fusedopt import FusedAdamW, FusedLion, FusedSGD, schedules
 
 TOL = dict(rtol=1e-6, atol=1e-6)

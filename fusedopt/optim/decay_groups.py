@@ -11,7 +11,7 @@ optionally none on embeddings either.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 from torch import nn
