@@ -657,7 +657,7 @@ def test_empty_param_list_is_a_no_op(monkeypatch):
     and a schedule counter stay as they are), and no error."""
     launched = []
     monkeypatch.setattr(launcher, "launch", lambda *args, **kw: launched.append(args))
-    plans_before = list(launcher._PLANS.values())
+    plans_before = list(launcher._LAYOUTS.values())
     found_inf = torch.ones(1, device=DEVICE)
     counter = torch.full((), 3, dtype=torch.int64, device=DEVICE)
     table = torch.ones(4, dtype=torch.float64, device=DEVICE)
@@ -667,7 +667,7 @@ def test_empty_param_list_is_a_no_op(monkeypatch):
                    None) is None
     assert ft.lion_([], [], [], [], 1e-3, 0.9, 0.99, 0.0, table, None, counter, None, found_inf, None) is None
     assert launched == []
-    assert list(launcher._PLANS.values()) == plans_before
+    assert list(launcher._LAYOUTS.values()) == plans_before
     assert float(found_inf) == 1.0 and int(counter) == 3
 
 

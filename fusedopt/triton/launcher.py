@@ -285,7 +285,7 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
     """check_controls() of op_args.h, then the kernel arguments: (lr_table, lr_table_len, mom_table,
     mom_table_len, schedule_step, grad_scale, found_inf, clip_coef, wd_table, wd_table_len). A missing table has
     length 0 (the kernel then reads the group's value); the other missing controls are dummies with neutral
-    values.
+    values."""
     _check_table(op, "lr_table", lr_table, device)
     _check_table(op, "momentum table", mom_table, device)
     _check_table(op, "weight_decay_table", wd_table, device)
