@@ -257,3 +257,19 @@ def test_get_optimizer_state_dict_on_a_fresh_table_optimizer():
     _set_grads(params, 0)
     opt.step()  # and training goes on
     assert opt.schedule_step == 1
+
+
+def test_gpu_backend_built_before_model_cuda_is_checked_at_the_step(monkeypatch):
+    """torch.optim lets an optimizer be built before model.cuda(): on a machine with a CUDA device, a built GPU
+    backend given CPU params is accepted at construction (they may still move) and the first step, with the
+    params still on the CPU, raises the same what-to-do message, before anything changes."""
+    monkeypatch.setattr(_ops, "HAS_CUDA_EXTENSION", True)  # as if built
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if a GPU were present
+    params = _params()
+    opt = FusedAdamW(params, backend="cuda")
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(fusedopt.BackendUnavailable, match=r"params are on cpu: move the model to the GPU"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state

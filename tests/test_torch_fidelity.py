@@ -400,3 +400,29 @@ def test_accessors_do_not_alias_live_tensors(cls):
             mom.fill_(0.5)
     assert float(logged_lr[0]) == pytest.approx(1e-3) and logged_lr[0] is not lr
     assert float(logged_mom[0]) == pytest.approx(0.9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FusedLion with a tensor lr (torch.compile's idiom), against lion-pytorch given the same tensor
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_lion_tensor_lr_matches_lion_pytorch(decoupled):
+    """lion-pytorch takes a tensor lr (its update multiplies by it); so does FusedLion, read on the device as a
+    one-entry table, with lion-pytorch's initial lr (the divisor of a decoupled weight decay) read once at
+    construction. Decayed in place mid-run, as a scheduler writing the tensor would; not with
+    decoupled_weight_decay, where lion-pytorch keeps the tensor itself as its initial lr, so an in-place decay
+    also changes its divisor (lr * wd / init_lr stays wd): FusedLion divides by the initial lr as a number, the
+    documented meaning. Lion compares exactly except where sign() meets a last-bit tie (test_parity bounds
+    those); over 10 steps on these grads none."""
+    from lion_pytorch import Lion
+
+    m_ours, m_ref = _model(), _model()
+    lr_ours, lr_ref = torch.tensor(1e-2), torch.tensor(1e-2)
+    ours = FusedLion(m_ours.parameters(), lr=lr_ours, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    ref = Lion(m_ref.parameters(), lr=lr_ref, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    for t in range(10):
+        if t == 5 and not decoupled:
+            lr_ours.mul_(0.5)
+            lr_ref.mul_(0.5)
+        _step_both([(ours, list(m_ours.parameters())), (ref, list(m_ref.parameters()))], t)
+    _assert_same_params(m_ours.parameters(), m_ref.parameters(), "lion tensor lr")

@@ -122,7 +122,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
             raise ValueError(f"the params of one param group must be on one device, got {sorted(map(str, devices))}; "
                              f"put the params of each device in their own group")
         for device in devices:  # fail now, not at the first step, when no backend can run there
-            self._backend_for(device)
+            self._check_backend(device)
         # the list, not the caller's iterable: a generator (model.parameters()) was consumed above
         param_group["params"] = params
         super().add_param_group(param_group)
@@ -132,6 +132,20 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
                 group["initial_lr"] = self._initial_lr_of(group["lr"])
             device = next(iter(devices)) if devices else torch.device("cpu")
             group["schedule_step"] = self._new_counter(device)
+
+    def _check_backend(self, device: torch.device) -> None:
+        """Raise BackendUnavailable now when the chosen backend can never run these params. One case waits for
+        the first step: a GPU backend (backend="cuda" / "triton", built) given CPU params on a machine with a
+        CUDA device, since torch.optim lets an optimizer be built before model.cuda() (the Parameter objects stay
+        the same); the step resolves the backend for the params' device then, with the same message if they
+        are still on the CPU."""
+        try:
+            self._backend_for(device)
+        except backends.BackendUnavailable:
+            may_still_move = (self.backend in ("cuda", "triton") and device.type == "cpu"
+                              and backends.available()[self.backend][0] and torch.cuda.is_available())
+            if not may_still_move:
+                raise
 
     def _backend_for(self, device: torch.device) -> backends.Backend:
         backend = self._backend_cache.get(device)
@@ -374,6 +388,8 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
             self._check_schedule_drivers()
             self._resolve_tables()
         batches = self._collect()
+        for device in {batch.device for batch in batches}:  # a backend that cannot run here: before any change
+            self._backend_for(device)
         for batch in batches:
             self._follow_params(batch)
             self._prepare(batch)

@@ -31,11 +31,14 @@ class FusedLion(FusedOptimizer):
                  max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
         if not isinstance(decoupled_weight_decay, bool):
             raise ValueError(f"decoupled_weight_decay must be a bool, got {decoupled_weight_decay!r}")
-        check_number("learning rate", lr, minimum=0.0)
-        if decoupled_weight_decay and lr == 0:
+        check_number("learning rate", lr, minimum=0.0, allow_tensor=True, tensor_name="lr")
+        # lion-pytorch's _init_lr, a number: a tensor lr (torch.compile's idiom) is read once here (on a GPU, one
+        # sync at construction, never per step)
+        initial_lr = float(lr)
+        if decoupled_weight_decay and initial_lr == 0:
             raise ValueError("Invalid learning rate: 0.0 (decoupled_weight_decay divides weight_decay by it)")
         self.decoupled_weight_decay = decoupled_weight_decay
-        self.initial_lr = float(lr)  # lion-pytorch's _init_lr
+        self.initial_lr = initial_lr
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, weight_decay=weight_decay)
         super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, master_weights=master_weights)
