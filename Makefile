@@ -3,7 +3,13 @@
 #               FusedAdamW + warmup_cosine beside torch.optim.AdamW + LambdaLR
 #   make test   the same set-up, then the whole test suite (what CI runs, through .ci/run)
 # Other targets: make build (recompile the extension), make bench (CPU benchmark), make clean.
+#   make gpu-check  on a machine with a CUDA GPU, in under 8 minutes: build for that GPU against the installed
+#                   torch (no venv), pytest -m gpu, compute-sanitizer, the GPU benchmark headline; results in
+#                   benchmarks/results/<date>-<gpu>/ (tools/gpu_check.py; without a GPU: one line, exit 2);
+#                   GPU_CHECK_ARGS="--copy-to DIR" also copies them into DIR
 
+# bash for `set -o pipefail` in the build recipe
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +21,7 @@ export MAX_JOBS
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test build bench clean venv
+.PHONY: demo test build bench clean venv gpu-check
 
 venv: $(VENV)/.deps
 $(VENV)/.deps:
@@ -26,9 +32,17 @@ $(VENV)/.deps:
 		transformers==5.23.0 accelerate==1.15.0 pytorch-lightning==2.6.6
 	touch $@
 
-# Builds fusedopt._C (CPU) and, when torch has CUDA and a toolkit is found, fusedopt._cuda.
+# Builds fusedopt._C (CPU) and, when torch has CUDA and a toolkit is found, fusedopt._cuda. pip shows a build's
+# output only with -v: the whole of it goes to $(BUILD_LOG), and setup.py's "[fusedopt build]" lines (which
+# backends are built, why CUDA was skipped) are echoed as they come, once each (pip runs setup.py twice: for
+# the metadata, then for the build); on failure the log's tail is printed.
+BUILD_LOG := build/pip-install.log
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install --no-build-isolation --no-deps -e .
+	@mkdir -p build
+	@echo "$(PIP) install -v --no-build-isolation --no-deps -e .  (full output: $(BUILD_LOG))"
+	@set -o pipefail; $(PIP) install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(BUILD_LOG) \
+		| { grep --line-buffered -o '\[fusedopt build\].*' | awk '!seen[$$0]++ { print; fflush() }' || true; } \
+		|| { tail -n 60 $(BUILD_LOG); echo "fusedopt build failed; full output: $(BUILD_LOG)"; exit 1; }
 	$(PY) -c "import fusedopt, fusedopt.backends as b; print('fusedopt backends:', {k: v[0] for k, v in b.available().items()})"
 	touch $@
 
@@ -42,6 +56,9 @@ test: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PY) -m fusedopt.bench --quick
+
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --python $(PYTHON) --jobs $$(nproc) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info fusedopt/*.so $(VENV)

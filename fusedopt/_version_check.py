@@ -1,7 +1,7 @@
 """Is this build of fusedopt's compiled extensions made for the torch that is running?
 
 fusedopt._C and fusedopt._cuda link against libtorch's C++ API, which has no stable ABI: a build works with the
-exact torch release it was compiled against (the wheel is cp39-abi3 for CPython, not for torch). setup.py
+exact torch release it was compiled against (the wheel is abi3 for CPython, not for torch). setup.py
 records that release in the generated fusedopt/_build_info.py; fusedopt/_ops.py calls :func:`check_torch`
 before it loads the extensions, so installing fusedopt for another torch gives one clear ImportError naming
 both versions instead of an "undefined symbol" from the dynamic loader (or a crash).

@@ -1,10 +1,12 @@
-"""`make demo`: train the same MLP on scikit-learn's digits twice, side by side.
+"""`make demo` / `python -m fusedopt.demo`: train the same MLP on scikit-learn's digits twice, side by side.
 
     A: torch.optim.AdamW            + LambdaLR(linear warmup, cosine decay)   (a Python scheduler per step)
     B: fusedopt.FusedAdamW(schedule=warmup_cosine(...))                       (the schedule read on the device)
 
 Both start from the same weights and see the same batches; the demo prints both loss curves, the largest
 parameter difference at the end, and the time per optimizer step (scheduler included) of each.
+
+Needs scikit-learn for the data set (pip install "fusedopt[demo]"); without it the demo says so and exits 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
 
 import torch
@@ -19,12 +22,13 @@ from torch import nn
 
 import fusedopt
 from fusedopt import schedules
+from fusedopt._extras import MissingDependency, require
 
 
 def load_digits():
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    data = sk_load_digits()
+    """The 1,797 8x8 digit images as (x float32 (1797, 64) in [0, 1], y int64 (1797,)). Raises MissingDependency
+    (an ImportError with the pip command) without scikit-learn."""
+    data = require("sklearn.datasets", "python -m fusedopt.demo (the digits data set)").load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
     return x, y
@@ -70,8 +74,9 @@ def accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedopt.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -81,7 +86,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    x, y = load_digits()
+    try:
+        x, y = load_digits()
+    except MissingDependency as e:
+        print(f"fusedopt.demo: {e}", file=sys.stderr)
+        return 1
     model_a = make_model(args.hidden)
     model_b = copy.deepcopy(model_a)
     n_params = sum(p.numel() for p in model_a.parameters())
@@ -116,7 +125,8 @@ def main(argv=None):
     ms_b = 1e3 * sorted(secs_b[5:])[len(secs_b[5:]) // 2]
     print(f"optimizer step (median, scheduler included): torch {ms_a:.3f} ms, fusedopt {ms_b:.3f} ms "
           f"-> {ms_a / ms_b:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`python -m fusedopt.info`: what this fusedopt was built against, what it runs with, which backends work.
+"""python -m fusedopt.info: what this fusedopt was built against, what it runs with, which backends work.
 
     python -m fusedopt.info          a human-readable report
     python -m fusedopt.info --json   the same as one JSON object (for scripts and bug reports)
@@ -8,6 +8,7 @@ Paste its output into bug reports.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -81,6 +82,7 @@ def collect() -> Dict[str, Any]:
             "cuda_skip_reason": info.CUDA_SKIP_REASON,
             "backends_built": list(built_backends),
             "limited_api": info.LIMITED_API,
+            "py_limited_api": getattr(info, "PY_LIMITED_API", None),
             "python": info.PYTHON_VERSION,
         },
         "running_with": {"torch": torch.__version__, "cuda": torch.version.cuda,
@@ -100,7 +102,7 @@ def report(data: Dict[str, Any]) -> str:
         lines.append("built against: unknown (no fusedopt/_build_info.py: a source tree that setup.py has not built)")
     else:
         lines.append(f"built against: torch {b['torch']}, CUDA {b['cuda'] or 'none (CPU-only torch)'}"
-                     f"  (python {b['python']}, {'abi3 wheel' if b['limited_api'] else 'version-specific build'})")
+                     f"  (python {b['python']}, {_abi(b)})")
     lines.append(f"running with:  torch {r['torch']}, CUDA {r['cuda'] or 'none (CPU-only torch)'}"
                  f"  -> {'MISMATCH: ' + data['torch_mismatch'] if data['torch_mismatch'] else 'ok'}")
     if b is not None:
@@ -129,10 +131,25 @@ def report(data: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _abi(built: Dict[str, Any]) -> str:
+    """'abi3 build (Py_LIMITED_API 3.10, any CPython >= 3.10)' or 'version-specific build'."""
+    if not built["limited_api"]:
+        return "version-specific build"
+    value = built.get("py_limited_api")
+    if not value:  # recorded by builds before the value was
+        return "abi3 build"
+    number = int(value, 16)
+    version = f"{number >> 24}.{(number >> 16) & 0xFF}"
+    return f"abi3 build (Py_LIMITED_API {version}, any CPython >= {version})"
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m fusedopt.info", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    args = parser.parse_args(argv)
     data = collect()
-    if "--json" in argv:
+    if args.json:
         print(json.dumps(data, indent=2))
     else:
         print(report(data))

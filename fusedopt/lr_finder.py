@@ -39,6 +39,7 @@ from typing import Callable, Iterable, List, Optional
 
 import torch
 
+from fusedopt._extras import require
 from fusedopt.schedules import ScheduleTable
 
 __all__ = ["find_lr", "LRFinderResult", "exponential_ramp"]
@@ -61,13 +62,23 @@ class LRFinderResult:
     extra: dict = field(default_factory=dict)
 
     def plot(self, path: Optional[str] = None, ax=None, log_loss: bool = False):
-        """Loss (raw and smoothed) against lr on a log axis, with the suggestion marked. Saves a PNG to
-        ``path`` when given; returns the matplotlib Axes."""
-        import matplotlib
+        """Loss (raw and smoothed) against lr on a log axis, with the suggested lr and the lr of the minimum loss
+        marked. Saves a PNG to ``path`` when given; returns the matplotlib Axes.
 
+        Args:
+            path: the image to write (the extension picks the format); None: not saved.
+            ax: draw into this Axes (the figure is then the caller's: not closed, backend left as it is);
+                None: a new figure on matplotlib's Agg backend, closed after saving.
+            log_loss: a log-scaled loss axis.
+
+        Raises:
+            fusedopt._extras.MissingDependency: matplotlib is not installed (an ImportError naming
+                ``pip install "fusedopt[plot]"``).
+        """
+        matplotlib = require("matplotlib", "LRFinderResult.plot")
         if ax is None:
             matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = require("matplotlib.pyplot", "LRFinderResult.plot")
 
         own = ax is None
         if own:
@@ -249,9 +260,10 @@ def find_lr(model: torch.nn.Module, loss_fn: Callable, batches: Iterable, optimi
     opt_state = copy.deepcopy(optimizer.state_dict()) if restore else None
     on_device = getattr(optimizer, "schedule", None) is schedule
     for group in optimizer.param_groups:
-        group["lr"] = start_lr
         if on_device:
-            group["initial_lr"] = start_lr  # the base the table's factors multiply
+            group["initial_lr"] = start_lr  # the base the table's factors multiply (the table then shows "lr")
+        else:
+            group["lr"] = start_lr
 
     lrs: List[float] = []
     losses: List[float] = []

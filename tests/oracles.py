@@ -10,10 +10,16 @@ import math
 from typing import Callable, Dict, List, Sequence
 
 import torch
-from lion_pytorch import Lion
 
 import fusedopt
 from fusedopt import schedules
+
+from conftest import require_lion
+
+
+def Lion(*args, **kwargs):  # lion-pytorch's Lion, or a skip (a failure where it is expected: CI, a GPU)
+    return require_lion()(*args, **kwargs)
+
 
 # Shapes that exercise the corners of the kernels: empty, scalar, tiny, odd, and longer than one CPU work
 # item (32 Ki elements) so chunk boundaries are crossed.
@@ -151,3 +157,38 @@ def scheduler_factories(steps: int) -> Dict[str, Callable]:
                   lr_sched.CosineAnnealingLR(opt, T_max=steps - steps // 5, eta_min=1e-5)],
             milestones=[steps // 5]),
     }
+
+
+def schedule_trace(make_scheduler: Callable, n: int, lr: float = 1.0, momentum: float = 0.9):
+    """What a torch / Hugging Face scheduler sets for optimizer steps 0..n-1, read from a torch.optim.SGD's
+    param group as a training loop sees it (scheduler stepped after each optimizer step).
+    Returns (lrs, momenta), lists of floats."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr, momentum=momentum)
+    sched = make_scheduler(opt)
+    lrs, moms = [], []
+    for _ in range(n):
+        lrs.append(float(opt.param_groups[0]["lr"]))
+        moms.append(float(opt.param_groups[0]["momentum"]))
+        opt.step()
+        sched.step()
+    return lrs, moms
+
+
+def torch_amp_clip_step(scaler, opt, params, grads, max_norm: float):
+    """One step of the eager AMP recipe with torch's own code: the grads scaled by scaler.scale(), then
+    scaler.unscale_(opt), torch.nn.utils.clip_grad_norm_(params, max_norm), scaler.step(opt), scaler.update().
+    Returns what a fused op needs to make the same step from the scaled grads: (scaled grads, the scale as a
+    float32 one-element tensor, the clip coefficient clip_grad_norm_ applied as a float32 one-element tensor,
+    read back through torch.nn.utils.clip_grads_with_norm_ on a grad of ones)."""
+    scale = torch.tensor([scaler.get_scale()], dtype=torch.float32)
+    scaled = [scaler.scale(g.clone()) for g in grads]
+    for p, g in zip(params, scaled):
+        p.grad = g.clone()
+    scaler.unscale_(opt)
+    total = torch.nn.utils.clip_grad_norm_([p for p in params if p.numel()], max_norm)
+    probe = torch.zeros(1, requires_grad=True)
+    probe.grad = torch.ones(1)
+    torch.nn.utils.clip_grads_with_norm_([probe], max_norm, total)
+    scaler.step(opt)
+    scaler.update()
+    return scaled, scale, probe.grad.clone(), float(total)

@@ -42,7 +42,16 @@ def test_writes_json_markdown_and_png(quick_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert "## Headline" in md and "## Targets" in md and "fusedopt[cpu]" in md
-    assert "Headline" in proc.stdout  # the console table
+    assert "not judged in --quick mode" in md
+    # the console: a short summary (one row per group, one column per model), not every group's table (-v)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("fusedopt.bench on ")
+    assert "Best fusedopt backend vs the best peer (median step time of the peer / of fusedopt; > 1: fusedopt " \
+           "faster)" in lines
+    assert "params, " not in proc.stdout  # group_title(): "resnet50 (0.1M params, 161 tensors) - ..."
+    assert "Targets: not judged in --quick mode" in proc.stdout
+    assert lines[-1].startswith(f"wrote results.json, results.md, results.png to {out} (")
+    assert len(lines) < 25, proc.stdout
     assert "%" in proc.stderr  # the progress bar
 
 
@@ -85,7 +94,8 @@ def test_json_fields(quick_run):
     for h in data["headline"]:
         assert h["fusedopt"] == "fusedopt[cpu]" and h["ratio"] > 0
     assert {t["target"] for t in data["targets"]} == {t[-1] for t in bench.CPU_TARGETS}
-    assert all(isinstance(t["met"], bool) for t in data["targets"])
+    # quick shapes: the ratios are reported, the targets not judged
+    assert all(t["judged"] is False and t["met"] is None and t["ratio"] > 0 for t in data["targets"])
 
 
 def test_bytes_model_and_stream_agree():
@@ -97,7 +107,11 @@ def test_bytes_model_and_stream_agree():
         assert bench.bytes_per_param(rule, dtype, "full") == b + grad_bytes
     # the stream runs and leaves its buffers finite
     stream = bench.make_stream("adamw", "bf16-master", "full", 1000, torch.device("cpu"))
-    stream()
+    for _ in range(3):
+        stream()
+    assert set(stream.buffers) == {"g", "w", "p", "m", "v"}
+    for name, buf in stream.buffers.items():
+        assert buf.numel() == 1000 and bool(torch.isfinite(buf).all()), name
 
 
 def test_shapes_match_the_real_models():
@@ -109,7 +123,30 @@ def test_shapes_match_the_real_models():
     assert 300e6 < bench.numel_of(bench.model_shapes("gpt2-medium", quick=False)) < 360e6
 
 
-def test_bad_arguments_exit_2(capsys):
+def test_bad_arguments_exit_2(capsys, tmp_path):
     assert bench.main(["--models", "gpt5", "--no-plot"]) == 2
     if not torch.cuda.is_available():
         assert bench.main(["--device", "cuda"]) == 2
+    # an --out that cannot be created is refused before anything is timed
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    assert bench.main(["--quick", "--out", str(blocker / "sub")]) == 2
+    assert torch.get_num_threads() == threads  # refused before --quick's one thread is set (process-wide)
+    assert capsys.readouterr().err.startswith(f"fusedopt.bench: cannot write the results to {blocker / 'sub'}: ")
+
+
+def test_targets_are_judged_at_full_size():
+    """On the committed full-size CPU run every target is judged, met exactly when the ratio reaches the
+    minimum; the same results flagged quick are reported unjudged."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "2026-11-23-cpu", "results.json")) as f:
+        results = json.load(f)["results"]
+    full = bench.evaluate_targets(results, torch.device("cpu"))
+    assert len(full) == 3 * len(bench.CPU_TARGETS)  # every target on each of the 3 models
+    assert all(t["judged"] and t["met"] == (t["ratio"] >= t["minimum"]) for t in full)
+    assert {t["met"] for t in full} == {True, False}
+    quick = bench.evaluate_targets(results, torch.device("cpu"), quick=True)
+    assert [t["ratio"] for t in quick] == [t["ratio"] for t in full]
+    assert all(not t["judged"] and t["met"] is None for t in quick)
+    assert bench.evaluate_targets(results, torch.device("cuda")) == []

@@ -26,10 +26,24 @@ import warnings
 
 import pytest
 import torch
-from lion_pytorch import Lion
 
 from fusedopt import FusedAdam, FusedAdamW, FusedLion, FusedSGD, schedules
 from fusedopt.schedules import ScheduleTable
+from oracles import schedule_trace
+
+
+def hf_cosine_lrs(base_lr, warmup, total, n):
+    """The lrs of steps 0..n-1 under transformers' get_cosine_schedule_with_warmup (what warmup_cosine mirrors)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return schedule_trace(lambda o: get_cosine_schedule_with_warmup(o, warmup, total), n, lr=base_lr)[0]
+
+from conftest import require_lion
+
+
+def Lion(*args, **kwargs):  # lion-pytorch's Lion, or a skip (a failure where it is expected: CI, a GPU)
+    return require_lion()(*args, **kwargs)
+
 
 RTOL = 1e-6
 ATOL = 1e-6
@@ -416,20 +430,35 @@ def test_master_weights_survive_save_and_load(name):
 
 def test_state_dict_without_schedule_loads_into_a_schedule():
     """A fusedopt checkpoint from a run without a table (no 'schedule_step' in its groups) resumes a table
-    at the per-param step count, like a torch.optim checkpoint."""
+    at the per-param step count, like a torch.optim checkpoint: the next steps use the lrs that Hugging Face's
+    cosine schedule gives steps 10, 11, 12 (torch.optim.AdamW with the same checkpoint and those lrs)."""
     params = make_params()
     opt = FusedAdamW(params, lr=1e-2)
     run(opt, params, GRADS[:10])
+    ckpt = opt.state_dict()
     params_b = clone_params(params)
     opt_b = FusedAdamW(params_b, lr=1e-2, schedule=schedules.warmup_cosine(40, 5))
-    opt_b.load_state_dict(through_bytes(opt.state_dict()))
+    opt_b.load_state_dict(through_bytes(ckpt))
     assert opt_b.schedule_step == 10
     assert int(opt_b.param_groups[0]["schedule_step"]) == 10
-    assert opt_b.get_last_lr() == [pytest.approx(1e-2 * schedules.warmup_cosine(40, 5).lr_at(10), rel=1e-15)]
+    hf = hf_cosine_lrs(1e-2, 5, 40, 13)
+    assert opt_b.get_last_lr() == [pytest.approx(hf[10], rel=1e-12)]
+    ref_params = clone_params(params)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+    ref.load_state_dict(through_bytes(ckpt))  # its own copy: torch keeps a loaded 'step' tensor as it is
+    force_single_tensor(ref)
+    for t in range(10, 13):
+        ref.param_groups[0]["lr"] = hf[t]
+        run(ref, ref_params, GRADS[t:t + 1])
+        run(opt_b, params_b, GRADS[t:t + 1])
+    assert_match(ref_params, ref, params_b, opt_b, ("exp_avg", "exp_avg_sq"), same_group_lr=False)
 
 
 def test_schedule_checkpoint_loads_without_schedule():
-    """And the other way: a table run's checkpoint into schedule=None drops the device counter."""
+    """And the other way: a table run's checkpoint into schedule=None drops the device counter, and the steps
+    after the load use the group's lr, which (as under a torch scheduler) shows the lr the table gives the
+    next step. Oracle: torch.optim.SGD under Hugging Face's cosine schedule for 10 steps, its checkpoint loaded
+    into a torch.optim.SGD with no scheduler, 2 more steps (torch keeps the last scheduled lr)."""
     params = make_params()
     opt = FusedSGD(params, lr=1e-2, momentum=0.9, schedule=schedules.warmup_cosine(40, 5))
     run(opt, params, GRADS[:10])
@@ -437,4 +466,18 @@ def test_schedule_checkpoint_loads_without_schedule():
     opt_b = FusedSGD(params_b, lr=1e-2, momentum=0.9)
     opt_b.load_state_dict(through_bytes(opt.state_dict()))
     assert all("schedule_step" not in g for g in opt_b.param_groups)
+    hf = hf_cosine_lrs(1e-2, 5, 40, 11)
+    assert opt_b.get_last_lr() == pytest.approx([hf[10]], rel=1e-12)  # float64 products of the same formula
     run(opt_b, params_b, GRADS[10:12])
+
+    ref_params = make_params()
+    ref = torch.optim.SGD(ref_params, lr=1e-2, momentum=0.9, foreach=False)
+    for t, lr in enumerate(hf[:10]):
+        ref.param_groups[0]["lr"] = lr
+        run(ref, ref_params, GRADS[t:t + 1])
+    ref.param_groups[0]["lr"] = hf[10]  # what torch's scheduler leaves in the group after step 10
+    ref_b = torch.optim.SGD(ref_params, lr=1e-2, momentum=0.9, foreach=False)
+    ref_b.load_state_dict(through_bytes(ref.state_dict()))
+    run(ref_b, ref_params, GRADS[10:12])
+    ref = ref_b
+    assert_match(ref_params, ref, params_b, opt_b, ("momentum_buffer",))

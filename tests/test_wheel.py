@@ -1,7 +1,10 @@
-"""Packaging: the sdist holds everything the extensions compile from; a wheel built from it is a cp39-abi3
-binary wheel with the compiled CPU extension and the Triton sources; installed in a fresh virtual environment it
-runs every optimizer from outside the repository; `python -m fusedopt.info` reports the build; a build for
-another torch fails to import with an error naming both torch versions.
+"""Packaging: the sdist holds everything the extensions compile from; a wheel built from it is an abi3 binary
+wheel whose tag (cp310-abi3) says the same Python version as the -DPy_LIMITED_API it was compiled with, whose
+metadata requires the torch release it was built against (and declares the tools' extras and the SPDX license),
+with the compiled CPU extension and the Triton sources; installed in a fresh virtual environment (its torch
+requirement resolved there, nothing downloaded) it runs every optimizer from outside the repository;
+`python -m fusedopt.info` reports the build; a build for another torch fails to import with an error naming
+both torch versions.
 
 The wheel is built with FUSEDOPT_SKIP_CUDA=1, i.e. the CPU extension only (about 40-70 s on 2 cores; the CUDA
 kernels would add several minutes of nvcc and cannot run here anyway). The CUDA build path is the same
@@ -12,13 +15,15 @@ The fresh environment reuses this environment's torch instead of installing it a
 `python -m venv --without-pip`, and a .pth file in its site-packages appends this environment's site-packages
 to sys.path (a plain path line: .pth files found there, such as the editable install of fusedopt, are not
 processed, and the new environment's own site-packages comes first). fusedopt is installed into it with this
-environment's pip (`pip --python NEW_PYTHON install --no-deps WHEEL`).
+environment's pip (`pip --python NEW_PYTHON install --no-index WHEEL`): with --no-index the install succeeds
+only if the wheel's `Requires-Dist: torch==...` is satisfied by the torch already there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +34,9 @@ import zipfile
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
+from torch.utils import cpp_extension
 
 from fusedopt import _version_check
 
@@ -59,7 +67,7 @@ def built(tmp_path_factory):
             shutil.copy2(path, src / name)
     env = dict(os.environ, FUSEDOPT_SKIP_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     env.pop("PYTHONPATH", None)
-    run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp / "dist")], cwd=src, env=env)
+    sdist_log = run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp / "dist")], cwd=src, env=env)
     (sdist,) = [p for p in os.listdir(tmp / "dist") if p.endswith(".tar.gz")]
     with tarfile.open(tmp / "dist" / sdist) as tar:
         sdist_names = tar.getnames()
@@ -68,9 +76,10 @@ def built(tmp_path_factory):
         except TypeError:  # Python without extraction filters (< 3.11.4)
             tar.extractall(tmp / "unpacked")
     (unpacked,) = os.listdir(tmp / "unpacked")
-    # the wheel is built from the unpacked sdist: proof that the sdist is complete
-    run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
-         "-w", str(tmp / "wheels"), str(tmp / "unpacked" / unpacked)], cwd=tmp, env=env, timeout=900)
+    # the wheel is built from the unpacked sdist: proof that the sdist is complete. -v: the compile commands
+    # (their -DPy_LIMITED_API) and setup.py's "[fusedopt build]" line are in the output.
+    wheel_log = run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "--no-index",
+                     "-w", str(tmp / "wheels"), str(tmp / "unpacked" / unpacked)], cwd=tmp, env=env, timeout=900)
     (wheel,) = [p for p in os.listdir(tmp / "wheels") if p.endswith(".whl")]
 
     venv = tmp / "venv"
@@ -79,12 +88,14 @@ def built(tmp_path_factory):
     site = run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     with open(os.path.join(site, "reuse_outer_torch.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")  # a plain path: appended, its .pth files not run
-    run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index", "--quiet",
+    # with its dependencies and no index: torch==<release> must be satisfied by the torch the venv sees
+    run([sys.executable, "-m", "pip", "--python", py, "install", "--no-index", "--quiet",
          str(tmp / "wheels" / wheel)])
     workdir = tmp / "elsewhere"  # outside the repository: the repo's fusedopt/ must not be importable
     workdir.mkdir()
     return {"tmp": tmp, "sdist_names": sdist_names, "wheel": tmp / "wheels" / wheel, "python": py, "site": site,
-            "cwd": str(workdir)}
+            "cwd": str(workdir), "sdist_log": sdist_log.stdout + sdist_log.stderr,
+            "wheel_log": wheel_log.stdout + wheel_log.stderr}
 
 
 def run_in_venv(built, code, env_extra=None, check=True):
@@ -108,9 +119,61 @@ def test_sdist_has_the_sources_and_headers(built):
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc")) or n.endswith("_build_info.py")]
 
 
-def test_wheel_is_abi3_with_extension_and_triton_sources(built):
-    name = built["wheel"].name
-    assert name.endswith("-cp39-abi3-linux_x86_64.whl") or "-cp39-abi3-" in name, name
+def test_sdist_build_has_no_deprecation_warning(built):
+    # e.g. setuptools' banner for a `project.license` TOML table (SPDX strings replace it, PEP 639)
+    assert "Deprecat" not in built["sdist_log"], built["sdist_log"][-3000:]
+
+
+def wheel_metadata(built, name):
+    with zipfile.ZipFile(built["wheel"]) as z:
+        (path,) = [n for n in z.namelist() if n.endswith(f".dist-info/{name}")]
+        return z.read(path).decode()
+
+
+def test_wheel_tag_agrees_with_the_limited_api_it_was_compiled_with(built):
+    tags = [line.split(": ", 1)[1] for line in wheel_metadata(built, "WHEEL").splitlines() if line.startswith("Tag: ")]
+    assert len(tags) == 1, tags
+    python_tag, abi_tag, platform_tag = tags[0].split("-")
+    assert abi_tag == "abi3" and platform_tag.startswith("linux_")
+    assert built["wheel"].name.endswith(f"-{tags[0]}.whl")
+    # every compile command of the build defines the same Py_LIMITED_API: torch's (cpp_extension adds it)
+    defines = re.findall(r"-DPy_LIMITED_API=(0x[0-9A-Fa-f]+)", built["wheel_log"])
+    sources = [f for d in ("csrc", os.path.join("csrc", "cpu")) for f in os.listdir(os.path.join(ROOT, d))
+               if f.endswith(".cpp")]
+    assert len(defines) >= len(sources), built["wheel_log"][-3000:]  # one compile command per source at least
+    assert set(defines) == {cpp_extension.min_supported_cpython}
+    number = int(defines[0], 16)
+    major, minor = number >> 24, (number >> 16) & 0xFF
+    assert python_tag == f"cp{major}{minor}"
+    assert f"Requires-Python: >={major}.{minor}\n" in wheel_metadata(built, "METADATA")
+    with zipfile.ZipFile(built["wheel"]) as z:
+        info = z.read("fusedopt/_build_info.py").decode()
+    assert f"PY_LIMITED_API = {defines[0]!r}" in info
+    assert "[fusedopt build] building backends: cpu; CUDA skipped: FUSEDOPT_SKIP_CUDA=1" in built["wheel_log"]
+
+
+def test_wheel_requires_the_torch_it_was_built_against(built):
+    meta = wheel_metadata(built, "METADATA")
+    requires = [Requirement(line.split(": ", 1)[1]) for line in meta.splitlines() if line.startswith("Requires-Dist: ")]
+    (torch_req,) = [r for r in requires if r.name == "torch"]
+    assert torch_req.marker is None
+    running = Version(torch.__version__)
+    assert str(torch_req.specifier) == f"=={running.public}"  # the release, without the local label (+cu130)
+    assert torch_req.specifier.contains(running)  # every local variant of the release satisfies it
+    assert not torch_req.specifier.contains(f"{running.major}.{running.minor + 1}.0")
+    by_extra = {}
+    for r in requires:
+        if r.marker is not None:  # 'extra == "plot"'
+            by_extra.setdefault(str(r.marker).split('"')[1], set()).add(r.name)
+    provided = {line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Provides-Extra: ")}
+    assert provided == set(by_extra) and {"plot", "bench", "demo", "test"} <= provided
+    assert by_extra["plot"] == {"matplotlib"} and by_extra["demo"] == {"scikit-learn"}
+    assert by_extra["bench"] == {"matplotlib", "lion-pytorch"}
+    assert "License-Expression: BSD-3-Clause\n" in meta
+    assert "License :: " not in meta  # no legacy classifier beside the SPDX expression
+
+
+def test_wheel_has_extension_and_triton_sources(built):
     with zipfile.ZipFile(built["wheel"]) as z:
         names = set(z.namelist())
         info = z.read("fusedopt/_build_info.py").decode()
@@ -118,7 +181,7 @@ def test_wheel_is_abi3_with_extension_and_triton_sources(built):
     assert "fusedopt/_cuda.abi3.so" not in names  # FUSEDOPT_SKIP_CUDA=1
     triton_repo = {f for f in os.listdir(os.path.join(ROOT, "fusedopt", "triton")) if f.endswith(".py")}
     assert triton_repo and {f"fusedopt/triton/{f}" for f in triton_repo} <= names
-    assert {"fusedopt/py.typed", "fusedopt/info.py", "fusedopt/_version_check.py"} <= names
+    assert {"fusedopt/py.typed", "fusedopt/info.py", "fusedopt/_version_check.py", "fusedopt/_extras.py"} <= names
     assert f"TORCH_VERSION = {torch.__version__!r}" in info
     assert "BACKENDS_BUILT = ('cpu',)" in info
 
@@ -170,6 +233,7 @@ def test_info_reports_the_build(built):
     assert data["built_with"]["cuda_arch_list"] is None
     assert data["built_with"]["cuda_skip_reason"] == "FUSEDOPT_SKIP_CUDA=1"
     assert data["built_with"]["limited_api"] is True
+    assert data["built_with"]["py_limited_api"] == cpp_extension.min_supported_cpython
     assert data["running_with"]["torch"] == torch.__version__
     assert data["torch_mismatch"] is None
     assert data["backends"]["cpu"] == {"built": True, "importable": True, "usable": True, "reason": ""}

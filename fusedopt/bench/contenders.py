@@ -10,6 +10,7 @@ import torch
 
 import fusedopt
 from fusedopt import backends, schedules
+from fusedopt._extras import install_hint
 from fusedopt.bench.traffic import STREAM_CAP, make_stream
 
 
@@ -140,7 +141,7 @@ def lion_pytorch_contenders(device: torch.device, skipped: Dict[str, str]) -> Li
     try:
         from lion_pytorch import Lion
     except ImportError as e:
-        skipped["lion-pytorch"] = f"not importable ({e})"
+        skipped["lion-pytorch"] = f"not importable ({e}); {install_hint('lion_pytorch')}"
         return []
 
     def make(use_triton: bool):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from fusedopt.optim.adamw import FusedAdamW
+from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim.adamw import FusedAdamW, _scalar_betas
 from fusedopt.schedules import ScheduleTable
 
 
@@ -26,33 +27,39 @@ class FusedAdam(FusedAdamW):
         params: tensors or param groups (float32, float64, bfloat16 or float16), as for torch.optim.
         lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as ``torch.optim.Adam``;
             ``decoupled_weight_decay`` may also differ per param group (the group key torch uses).
-        schedule, backend, max_grad_norm, norm_type, master_weights, and any further keyword argument: as
+        foreach, capturable, differentiable, fused: torch's implementation switches, accepted and recorded as
+            :class:`fusedopt.FusedAdamW` does (``differentiable=True`` raises RuntimeError).
+        schedule, backend, max_grad_norm, norm_type, master_weights (keyword-only): as
             :class:`fusedopt.FusedAdamW`.
 
     State keys: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad), as torch's, so
     checkpoints move between ``torch.optim.Adam`` and ``FusedAdam`` in both directions.
 
     Raises:
-        ValueError: for a hyperparameter torch.optim.Adam rejects, or a non-bool decoupled_weight_decay.
+        ValueError: for a hyperparameter torch.optim.Adam rejects (its type and message), or a non-bool
+            decoupled_weight_decay; TypeError / RuntimeError / fusedopt.BackendUnavailable as FusedAdamW.
     """
+
+    torch_name = "Adam"
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
-                 decoupled_weight_decay: bool = False, *, schedule: Optional[ScheduleTable] = None,
-                 backend: str = "auto", max_grad_norm: Optional[float] = None, norm_type: float = 2.0,
-                 master_weights: bool = False, **kwargs):
-        _check_flag(decoupled_weight_decay)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, schedule=schedule, backend=backend,
-                         max_grad_norm=max_grad_norm, norm_type=norm_type, master_weights=master_weights, **kwargs)
-        # A param-group key, like torch.optim.Adam's: later add_param_group calls take it from the defaults.
-        self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
-        for group in self.param_groups:
-            group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
+                 decoupled_weight_decay: bool = False, *, foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 schedule: Optional[ScheduleTable] = None, backend: str = "auto",
+                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
+        # decoupled_weight_decay is a param-group key, as in torch.optim.Adam (add_param_group takes it from the
+        # defaults); the rest is FusedAdamW's construction (FusedOptimizer's, with Adam's defaults)
+        defaults = dict(lr=lr, betas=_scalar_betas(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        FusedOptimizer.__init__(self, params, defaults, schedule=schedule, backend=backend,
+                                max_grad_norm=max_grad_norm, norm_type=norm_type, master_weights=master_weights)
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
-        if "decoupled_weight_decay" in group:
-            _check_flag(group["decoupled_weight_decay"])
+    def _check_group(self, group: dict, strict: bool = True) -> None:
+        super()._check_group(group, strict)
+        # torch.optim.Adam does not check it; a non-bool would silently pick a rule here
+        _check_flag(group.get("decoupled_weight_decay", False))
 
     def _decoupled_weight_decay(self, group: dict) -> bool:
         return group["decoupled_weight_decay"]

@@ -49,14 +49,17 @@ def device_function(fn):
     return call
 
 
-# Fields of one row of the work table (see launcher.py): addresses already offset to the row's first element.
+# Fields of one row of the work table (see launcher.py). The param, state and master fields are addresses
+# already offset to the row's first element; the grad of a row is found through the call's grad-address vector
+# (grads move between steps, the rest does not), at byte offset F_GRAD_OFFSET from the address of tensor
+# F_TENSOR's grad; F_TENSOR also indexes the step table (AdamW).
 F_PARAM = tl.constexpr(0)
-F_GRAD = tl.constexpr(1)
+F_GRAD_OFFSET = tl.constexpr(1)
 F_STATE0 = tl.constexpr(2)
 F_STATE1 = tl.constexpr(3)
 F_STATE2 = tl.constexpr(4)
 F_MASTER = tl.constexpr(5)
-F_STEP = tl.constexpr(6)
+F_TENSOR = tl.constexpr(6)
 F_NUMEL = tl.constexpr(7)
 ROW = tl.constexpr(8)
 
@@ -71,6 +74,13 @@ def f64(x):
 def row_ptr(rows_ptr):
     """This program's row of the work table."""
     return rows_ptr + tl.program_id(0).to(tl.int64) * ROW
+
+
+@device_function
+def grad_addr(row, grad_addrs_ptr):
+    """The address of this row's first grad element: the call's address of the row's tensor's grad plus the
+    row's byte offset in it."""
+    return tl.load(grad_addrs_ptr + tl.load(row + F_TENSOR)) + tl.load(row + F_GRAD_OFFSET)
 
 
 @device_function
@@ -283,43 +293,33 @@ def transform_grad(g, inv_scale, clip_coef, MAXIMIZE: tl.constexpr):
 
 
 @device_function
-def read_table(table_ptr, table_len, step, fallback, HAS_TABLE: tl.constexpr):
-    """schedule.h read_table(): the entry at `step` clamped to [0, len - 1], or the group's own value."""
-    if HAS_TABLE:
-        # table_index(): clamp to [0, len - 1] (len >= 1, checked on the host)
-        value = tl.load(table_ptr + tl.minimum(tl.maximum(step, 0), table_len - 1))
-    else:
-        value = f64(fallback)
-    return value
+def read_table(table_ptr, table_len, step, fallback):
+    """schedule.h read_table(): the entry at `step` clamped to [0, len - 1], or the group's own value when there
+    is no table (table_len == 0; table_ptr then points at a valid dummy, so the load is harmless). A runtime
+    test, not a constexpr: a table present at one step and absent at another is the same compiled kernel."""
+    entry = tl.load(table_ptr + tl.minimum(tl.maximum(step, 0), tl.maximum(table_len - 1, 0)))
+    return tl.where(table_len > 0, entry, f64(fallback))
 
 
 @device_function
 def read_controls(schedule_step_ptr, lr_table_ptr, lr_table_len, mom_table_ptr, mom_table_len,
                   grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, mom, wd,
-                  HAS_SCHEDULE_STEP: tl.constexpr, HAS_LR_TABLE: tl.constexpr, HAS_MOM_TABLE: tl.constexpr,
-                  HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
-                  HAS_WD_TABLE: tl.constexpr, T_DTYPE: tl.constexpr):
+                  T_DTYPE: tl.constexpr):
     """Everything a call reads from device memory besides the tensors themselves, read by every program:
     the scheduled lr, momentum/beta1 and weight decay (float64), whether the step runs (found_inf == 0) and
-    the gradient factors of multi_tensor_cpu.h read_grad_transform(), rounded to the math type."""
-    if HAS_SCHEDULE_STEP:
-        step = tl.load(schedule_step_ptr).to(tl.int64)
-    else:
-        step = tl.full((), 0, tl.int64)
-    lr_now = read_table(lr_table_ptr, lr_table_len, step, lr, HAS_LR_TABLE)
-    mom_now = read_table(mom_table_ptr, mom_table_len, step, mom, HAS_MOM_TABLE)
-    wd_now = read_table(wd_table_ptr, wd_table_len, step, wd, HAS_WD_TABLE)
-    if HAS_FOUND_INF:
-        live = tl.load(found_inf_ptr) == 0.0  # C++: skip when *found_inf != 0.0f (NaN skips too)
-    else:
-        live = tl.full((), 1, tl.int1)
-    if HAS_GRAD_SCALE:
-        # GradScaler's float32 reciprocal of the scale, computed in double: float(1.0 / double(scale))
-        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32).to(T_DTYPE)
-    else:
-        inv_scale = tl.full((), 1.0, T_DTYPE)
-    if HAS_CLIP_COEF:
-        clip_coef = tl.load(clip_coef_ptr).to(T_DTYPE)
-    else:
-        clip_coef = tl.full((), 1.0, T_DTYPE)
+    the gradient factors of multi_tensor_cpu.h read_grad_transform(), rounded to the math type.
+
+    Every pointer is valid: a control the call does not have points at a neutral dummy (launcher.controls():
+    schedule step 0, grad_scale 1, found_inf 0, clip_coef 1, tables of length 0), whose factors are exact
+    (g * 1.0 == g). So GradScaler, clipping or a schedule switched on between two calls select no other
+    compiled kernel, which matters under CUDA-graph capture (a kernel first loaded while a stream is capturing
+    is an error)."""
+    step = tl.load(schedule_step_ptr).to(tl.int64)
+    lr_now = read_table(lr_table_ptr, lr_table_len, step, lr)
+    mom_now = read_table(mom_table_ptr, mom_table_len, step, mom)
+    wd_now = read_table(wd_table_ptr, wd_table_len, step, wd)
+    live = tl.load(found_inf_ptr) == 0.0  # C++: skip when *found_inf != 0.0f (NaN skips too)
+    # GradScaler's float32 reciprocal of the scale, computed in double: float(1.0 / double(scale))
+    inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32).to(T_DTYPE)
+    clip_coef = tl.load(clip_coef_ptr).to(T_DTYPE)
     return lr_now, mom_now, wd_now, live, inv_scale, clip_coef

@@ -2,10 +2,10 @@
 decoupled_weight_decay=False, torch.optim.Adam's L2 weight decay).
 
 Mirrors csrc/fusedopt/rules.h make_adamw_scalars() / adamw_update() and csrc/cpu/adamw.cpp line by line.
-Per program: read the controls and the schedule (_jit.read_controls), read this row's tensor step and add one
-(the step this update uses: torch counts from 1), compute the AdamW scalars in float64 and round each to the
-math type once, update the row's elements; then the last program to finish increments every step tensor,
-unless found_inf is set.
+Per program: read the controls and the schedule (_jit.read_controls), read this row's tensor step and add its
+increment (one; the step this update uses: torch counts from 1), compute the AdamW scalars in float64 and
+round each to the math type once, update the row's elements; then the last program to finish increments every
+step tensor, unless found_inf is set.
 """
 
 import torch
@@ -50,30 +50,30 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs
     J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
 
 
-@triton.jit
+@triton.jit(**L.jit_options(int_args=["beta1_table_len"], pointer_args=["beta1_table_ptr"]))
 def adamw_kernel(
-    rows_ptr, n_tensors: tl.int64, step_addrs_ptr, done_ptr,
+    rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, beta1_table_ptr, beta1_table_len: tl.int64, schedule_step_ptr,
     grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
     lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-    HAS_LR_TABLE: tl.constexpr, HAS_MOM_TABLE: tl.constexpr, HAS_SCHEDULE_STEP: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
-    HAS_WD_TABLE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
-    ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr,
+    SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = J.row_ptr(rows_ptr)
     lr_now, beta1_now, wd_now, live, inv_scale, clip_coef = J.read_controls(
         schedule_step_ptr, lr_table_ptr, lr_table_len, beta1_table_ptr, beta1_table_len,
-        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, beta1, weight_decay,
-        HAS_SCHEDULE_STEP, HAS_LR_TABLE, HAS_MOM_TABLE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_CLIP_COEF,
-        HAS_WD_TABLE, T_DTYPE)
+        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, beta1, weight_decay, T_DTYPE)
 
-    # adamw.cpp: `*steps[i] += 1` happens before make_adamw_scalars reads it. Every program of the tensor
-    # reads the old value here; the last program writes the increments below.
-    step_ptr = tl.load(row + J.F_STEP).to(tl.pointer_type(tl.int64))
-    step = tl.load(step_ptr) + 1
+    # adamw.cpp: `*steps[i] += 1` for every entry of the list happens before make_adamw_scalars reads it.
+    # Every program of the tensor reads the old value here and adds the increment the op will make (the
+    # number of times the list holds this step tensor: 1, unless a caller lists one tensor twice); the last
+    # program writes the increments below. The step table (launcher.py) is [address | increment | increment
+    # at the first occurrence of the address, 0 at the others] per tensor.
+    tensor = tl.load(row + J.F_TENSOR)
+    step_ptr = tl.load(step_table_ptr + tensor).to(tl.pointer_type(tl.int64))
+    step = tl.load(step_ptr) + tl.load(step_table_ptr + n_tensors + tensor)
 
     # rules.h make_adamw_scalars(): double math, each scalar rounded to the math type once
     beta2_64 = J.f64(beta2)
@@ -94,7 +94,7 @@ def adamw_kernel(
     eps_t = J.f64(eps).to(T_DTYPE)
 
     p_addr = tl.load(row + J.F_PARAM)
-    g_addr = tl.load(row + J.F_GRAD)
+    g_addr = J.grad_addr(row, grad_addrs_ptr)
     m_addr = tl.load(row + J.F_STATE0)
     v_addr = tl.load(row + J.F_STATE1)
     vmax_addr = tl.load(row + J.F_STATE2)
@@ -115,17 +115,24 @@ def adamw_kernel(
                         P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16)
 
     # The step increments. A program may only write a step once no program will read it any more, so the
-    # last program to get here does all of them: the atomic (acq_rel, gpu scope) orders every program's read
-    # of its step above before its increment of the done-counter, and the program that sees the count reach
-    # num_programs - 1 is the last. It resets the counter for the next launch (and the next graph replay).
-    # A uniform branch per program, not per element.
+    # last program to get here does all of them (PyTorch's mark_block_finished pattern): the barrier makes
+    # every warp of this program finish its read of the step above before thread 0 makes the atomic
+    # increment of the done-counter (acq_rel, gpu scope), which orders those reads before the count; the
+    # program that sees the count reach num_programs - 1 is the last, and its barrier after the atomic
+    # orders its writes after it. It resets the counter for the next launch (and the next graph replay).
+    # Uniform branches per program, not per element. Each distinct step tensor is written once (its
+    # first-occurrence increment), so a tensor listed twice is not read and written by two lanes at once.
+    tl.debug_barrier()
     done = tl.atomic_add(done_ptr, 1)
     if done == tl.num_programs(0) - 1:
+        tl.debug_barrier()
         n_steps = tl.where(live, n_tensors, 0)  # found_inf: no step counts
         for t0 in range(0, n_steps, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
-            steps = tl.load(step_addrs_ptr + t, mask=t < n_steps, other=0).to(tl.pointer_type(tl.int64))
-            tl.store(steps, tl.load(steps, mask=t < n_steps, other=0) + 1, mask=t < n_steps)
+            increment = tl.load(step_table_ptr + 2 * n_tensors + t, mask=t < n_steps, other=0)
+            write = (t < n_steps) & (increment != 0)
+            steps = tl.load(step_table_ptr + t, mask=write, other=0).to(tl.pointer_type(tl.int64))
+            tl.store(steps, tl.load(steps, mask=write, other=0) + increment, mask=write)
         tl.store(done_ptr, 0)
 
 
@@ -143,13 +150,13 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_
     L.check_params(op, params)
     if not params:
         return
-    fields = {L.F_PARAM: params, L.F_GRAD: grads, L.F_STATE0: exp_avgs, L.F_STATE1: exp_avg_sqs}
+    fields = {L.F_PARAM: params, L.F_STATE0: exp_avgs, L.F_STATE1: exp_avg_sqs}
     if amsgrad:
         fields[L.F_STATE2] = max_exp_avg_sqs
     if master_params:
         fields[L.F_MASTER] = master_params
 
-    def validate():
+    def validate():  # on a cache miss
         sdtype = L.state_dtype(params, master_params)
         L.check_list(op, "grads", params, grads, True, params[0].dtype)
         L.check_list(op, "exp_avgs", params, exp_avgs, True, sdtype)
@@ -160,10 +167,10 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_
 
     if len(steps) != len(params):
         L.check_steps(op, params, steps)
-    plan = L.get_plan(op, fields, steps, validate)
+    layout, grad_vector = L.get_plan(op, fields, steps, grads, validate)
     ctrl = L.controls(op, params[0].device, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
                       clip_coef, weight_decay_table)
     meta = dict(L.common_meta(params, master_params), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
                 DECOUPLED=bool(decoupled_weight_decay))
     scalars = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
-    L.launch(adamw_kernel, _tuned, plan, ctrl, scalars, meta)
+    L.launch(adamw_kernel, _tuned, layout, grad_vector, ctrl, scalars, meta)

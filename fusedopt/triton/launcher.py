@@ -1,38 +1,61 @@
 """Host side of the Triton backend, shared by the three rules: argument checks (those of
-csrc/fusedopt/op_args.h), the cached work table, and the launch (autotuned on a GPU, fixed under the
+csrc/fusedopt/op_args.h), the cached work tables, and the launch (autotuned on a GPU, fixed under the
 interpreter).
 
 The work table
 --------------
 One launch updates every tensor of a call. Every tensor is cut into rows of at most CHUNK elements; the rows
 of all tensors form one int64 table of shape [n_rows, ROW] on the device, and program `pid` of a 1-D grid of
-n_rows programs handles row `pid`. A row holds raw addresses, already offset to the row's first element:
+n_rows programs handles row `pid`. A row holds (fields of _jit.py):
 
-    F_PARAM, F_GRAD, F_STATE0, F_STATE1, F_STATE2, F_MASTER   element addresses (states: exp_avg, exp_avg_sq,
-                                                              max_exp_avg_sq for AdamW; momentum_buffer for
-                                                              SGD; exp_avg for Lion), unused ones point at a pad
-    F_STEP                                                    the address of the tensor's int64 AdamW step
-    F_NUMEL                                                   elements in the row (1..CHUNK; 0 in the single
-                                                              dummy row of a call whose tensors are all empty)
+    F_PARAM, F_STATE0, F_STATE1, F_STATE2, F_MASTER   element addresses, already offset to the row's first
+                                                      element (states: exp_avg, exp_avg_sq, max_exp_avg_sq
+                                                      for AdamW; momentum_buffer for SGD; exp_avg for Lion);
+                                                      unused ones point at a pad
+    F_TENSOR                                          the index of the row's tensor in the call's lists
+    F_GRAD_OFFSET                                     the row's byte offset in its tensor's grad
+    F_NUMEL                                           elements in the row (1..CHUNK; 0 in the single dummy
+                                                      row of a call whose tensors are all empty)
 
-The kernels load the addresses and cast them with tl.pointer_type, so the table is the only per-tensor
-argument and one compiled kernel serves any number of tensors. AdamW also gets the list of its step
-addresses (one per tensor, empty tensors included) and a done-counter: the last program to finish (found by
-an atomic increment of the counter) increments every step and resets the counter, so the increments happen
+The kernels load the addresses and cast them with tl.pointer_type, so the tables are the only per-tensor
+arguments and one compiled kernel serves any number of tensors.
+
+The grads are not in the table. Params, states and master copies stay where they are for a whole run, but
+grads move: `zero_grad(set_to_none=True)` (the default, and what torch's CUDA-graph recipe uses) makes every
+backward allocate new ones, and a backward inside a CUDA-graph capture allocates them from the graph's
+private pool. So the table (a "layout", cached under the addresses of everything but the grads) is built once,
+and each call passes a small vector of grad addresses (one int64 per tensor), cached per layout under the grad
+addresses. AdamW also gets a step table: per tensor the address of its int64 step, the increment the op makes
+to it (1; more if one step tensor is listed twice, as the C++ ops count every entry) and that increment again at
+the first occurrence of each address (0 at the others), plus a done-counter: the last program to finish (found
+by an atomic increment of the counter) increments every step and resets the counter, so the increments happen
 after every program has read its tensor's step, inside the same launch (see adamw.py).
 
-The table depends only on the tensors' addresses, sizes and dtypes, so it is built once and cached (LRU,
-MAX_PLANS entries) under a key of data_ptrs, numels and dtypes; while the param set (and the grad buffers)
-stay where they are, a call builds nothing and copies nothing to the device. When they move (a new param
-group, grads reallocated), the new table is built on the host (Python, ~2 us per row) and copied from pinned
-memory asynchronously: still no host sync. That copy cannot happen during CUDA-graph capture: run one step
-before capturing (torch asks for warm-up iterations anyway). A graph replays against the table it was
-captured with, so a table used during a capture is pinned in the cache for the life of the process.
+Copies to the device never synchronize: a new table is built on the host and copied from pinned memory
+asynchronously. During CUDA-graph capture pinned memory cannot be allocated (the allocator queries events), so
+each layout keeps a pinned staging buffer for one grad vector, allocated in an eager call: a capture that meets
+new grads (the standard recipe does) fills it on the host and captures its copy, which every replay repeats
+(the buffer stays alive and unchanged, as the graph re-reads it). A capture that meets new params or states
+cannot copy a whole table and raises, asking for an eager step first, as torch's recipe does anyway. Tables
+and grad vectors used during a capture are never evicted (a graph replays against them); the rest is an LRU
+cache bounded in bytes (MAX_CACHE_BYTES); freed device buffers go back to torch's caching allocator, which
+hands them out again.
+
+Compiled kernels and capture
+----------------------------
+A Triton kernel is compiled and loaded at its first launch, and loading a module while a stream is capturing
+is an error. So everything that may differ between an eager warm-up step and a captured step is a runtime
+argument, not a constexpr: the controls (a missing schedule table, grad_scale, found_inf or clip_coef points at
+a neutral dummy), SGD's first step, and every integer argument is exempt from Triton's value specialization.
+What remains compile-time (dtypes, master weights, amsgrad / maximize / Nesterov / momentum, 16-byte
+alignment, the block size chosen by autotuning) is fixed for a given param group; a captured call that would
+need a kernel variant not yet launched raises a RuntimeError naming it instead of failing inside the CUDA
+driver.
 """
 
 import collections
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -43,9 +66,9 @@ from fusedopt.triton import _jit
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 ROW = int(_jit.ROW)
-F_PARAM, F_GRAD, F_STATE0, F_STATE1, F_STATE2, F_MASTER, F_STEP, F_NUMEL = (
-    int(_jit.F_PARAM), int(_jit.F_GRAD), int(_jit.F_STATE0), int(_jit.F_STATE1), int(_jit.F_STATE2),
-    int(_jit.F_MASTER), int(_jit.F_STEP), int(_jit.F_NUMEL))
+F_PARAM, F_GRAD_OFFSET, F_STATE0, F_STATE1, F_STATE2, F_MASTER, F_TENSOR, F_NUMEL = (
+    int(_jit.F_PARAM), int(_jit.F_GRAD_OFFSET), int(_jit.F_STATE0), int(_jit.F_STATE1), int(_jit.F_STATE2),
+    int(_jit.F_MASTER), int(_jit.F_TENSOR), int(_jit.F_NUMEL))
 
 # Elements per row of the work table. On a GPU 4096 elements (16-64 KiB per stream) amortize a program's
 # prologue (a handful of scalar loads and the float64 scalar math) while a 1M-element model still gets 256
@@ -55,11 +78,15 @@ F_PARAM, F_GRAD, F_STATE0, F_STATE1, F_STATE2, F_MASTER, F_STEP, F_NUMEL = (
 CHUNK = 2048 if INTERPRET else 4096
 INTERPRET_BLOCK = 1024
 # The config used when autotuning is off (FUSEDOPT_TRITON_AUTOTUNE=0: no benchmarking at the first step of
-# each kernel variant) and when a variant is first met during CUDA-graph capture, where benchmarking is
-# impossible.
+# each kernel variant).
 AUTOTUNE = os.environ.get("FUSEDOPT_TRITON_AUTOTUNE", "1") != "0"
 DEFAULT_BLOCK, DEFAULT_WARPS = 1024, 4
-MAX_PLANS = 256
+# Device bytes of cached work tables and grad vectors (FUSEDOPT_TRITON_CACHE_MB, default 256 MiB; a table
+# takes 64 bytes per 4096 elements, 1/256 of the float32 params it describes). Beyond it the least recently
+# used entries go, except those in use and those a CUDA graph replays against.
+MAX_CACHE_BYTES = int(float(os.environ.get("FUSEDOPT_TRITON_CACHE_MB", "256")) * 2 ** 20)
+# Grad vectors kept per layout (grads that move every step would otherwise pile up).
+MAX_GRAD_VECTORS = 8
 # Autotuning benchmarks on scratch buffers of at most this many elements per stream (see _tune).
 TUNE_MAX_ELEMENTS = 1 << 22
 
@@ -70,6 +97,20 @@ CONFIGS = [
 # The autotuner's key: a size class (a runtime int argument the kernels ignore) and the dtypes. The rule
 # modules add their own flags.
 TUNE_KEY = ["SIZE_CLASS", "P_DTYPE", "S_DTYPE", "HAS_MASTER"]
+
+
+def jit_options(int_args: Sequence[str] = (), pointer_args: Sequence[str] = ()) -> dict:
+    """triton.jit options that keep the compiled kernel the same for every value of the runtime arguments.
+    Triton specializes an integer argument that equals 1 or is a multiple of 16, and a pointer that is 16-byte
+    aligned, into a separate kernel; the counts, table lengths and flags below change between calls (a table
+    of one entry, 16 tensors, a control tensor that is a view), and a new kernel first met during CUDA-graph
+    capture could not be loaded. The work-table pointers keep their specialization: the launcher allocates
+    them, always aligned."""
+    ints = ["n_tensors", "lr_table_len", "wd_table_len", "SIZE_CLASS", *int_args]
+    pointers = ["lr_table_ptr", "wd_table_ptr", "schedule_step_ptr", "grad_scale_ptr", "found_inf_ptr", "clip_coef_ptr",
+                *pointer_args]
+    return dict(do_not_specialize=ints, do_not_specialize_on_alignment=pointers)
+
 
 TL_DTYPES = {
     torch.float32: tl.float32,
@@ -150,6 +191,13 @@ def state_dtype(params: Sequence[torch.Tensor], master_params: Sequence[torch.Te
     return params[0].dtype if params else torch.float32
 
 
+def walks_like(param: torch.Tensor, t: torch.Tensor) -> bool:
+    """op_args.h walks_like(): one flat index walks t and the (dense) param alike: the same strides, or both
+    contiguous (two contiguous tensors walk their elements in the same order even where the strides of size-1
+    dims differ, as for the grad a bmm of a transposed weight makes)."""
+    return t.numel() <= 1 or t.stride() == param.stride() or (t.is_contiguous() and param.is_contiguous())
+
+
 def check_list(op: str, name: str, params, lst, required: bool, dtype: Optional[torch.dtype]) -> None:
     if not lst and not required:
         return
@@ -161,7 +209,7 @@ def check_list(op: str, name: str, params, lst, required: bool, dtype: Optional[
         if t.shape != p.shape:
             _fail(op, ": ", name, "[", i, "] has shape ", list(t.shape), " but params[", i, "] has shape ",
                   list(p.shape))
-        if t.numel() > 1 and t.stride() != p.stride():
+        if not walks_like(p, t):
             _fail(op, ": ", name, "[", i, "] has strides ", list(t.stride()), " but params[", i, "] has strides ",
                   list(p.stride()))
         if dtype is not None and t.dtype != dtype:
@@ -201,35 +249,43 @@ def _check_table(op, name, t, device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Control tensors (schedule tables, schedule step, AMP and clipping scalars): passed as pointers, with a
-# constexpr flag saying whether each one is present. Absent ones point at a per-device dummy of the right
-# dtype, so every call of one kernel has the same argument types.
+# Control tensors (schedule tables, schedule step, AMP and clipping scalars): always passed as valid pointers,
+# a missing one as a per-device dummy with a neutral value, so that every call of one kernel has the same
+# arguments and the same compiled kernel (see _jit.read_controls).
 # ------------------------------------------------------------------------------------------------------------
 
-_DUMMIES: Dict[torch.device, Dict[torch.dtype, torch.Tensor]] = {}
+_DUMMIES: Dict[torch.device, Dict[str, torch.Tensor]] = {}
 
 
-def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    per_device = _DUMMIES.setdefault(device, {})
-    if dtype not in per_device:
-        per_device[dtype] = torch.zeros(2, dtype=dtype, device=device)
-    return per_device[dtype]
+def _dummies(device: torch.device) -> Dict[str, torch.Tensor]:
+    """Read-only two-element tensors with the neutral value of each control, never written by any kernel. All
+    are made at the first call on a device, which is eager (a first call during capture fails earlier, on its
+    work table): one made during a capture would hold its value only once the graph has been replayed."""
+    if device not in _DUMMIES:
+        _DUMMIES[device] = dict(
+            table=torch.zeros(2, dtype=torch.float64, device=device),
+            schedule_step=torch.zeros(2, dtype=torch.int64, device=device),
+            grad_scale=torch.ones(2, dtype=torch.float32, device=device),
+            found_inf=torch.zeros(2, dtype=torch.float32, device=device),
+            clip_coef=torch.ones(2, dtype=torch.float32, device=device),
+        )
+    return _DUMMIES[device]
 
 
 class Controls:
-    __slots__ = ("args", "flags", "found_inf_index")
+    __slots__ = ("args", "found_inf_index")
 
-    def __init__(self, args, flags, found_inf_index):
+    def __init__(self, args, found_inf_index):
         self.args = args
-        self.flags = flags
         self.found_inf_index = found_inf_index
 
 
 def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, grad_scale, found_inf,
              clip_coef, wd_table=None) -> Controls:
     """check_controls() of op_args.h, then the kernel arguments: (lr_table, lr_table_len, mom_table,
-    mom_table_len, schedule_step, grad_scale, found_inf, clip_coef, wd_table, wd_table_len) and their HAS_*
-    flags."""
+    mom_table_len, schedule_step, grad_scale, found_inf, clip_coef, wd_table, wd_table_len). A missing table has
+    length 0 (the kernel then reads the group's value); the other missing controls are dummies with neutral
+    values."""
     _check_table(op, "lr_table", lr_table, device)
     _check_table(op, "momentum table", mom_table, device)
     _check_table(op, "weight_decay_table", wd_table, device)
@@ -240,38 +296,45 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
     _check_scalar_tensor(op, "found_inf", found_inf, device, torch.float32)
     _check_scalar_tensor(op, "clip_coef", clip_coef, device, torch.float32)
 
-    def ptr(t, dtype):
-        return _dummy(device, dtype) if t is None else t
-
+    dummy = _dummies(device)
     args = (
-        ptr(lr_table, torch.float64), 1 if lr_table is None else lr_table.numel(),
-        ptr(mom_table, torch.float64), 1 if mom_table is None else mom_table.numel(),
-        ptr(schedule_step, torch.int64),
-        ptr(grad_scale, torch.float32), ptr(found_inf, torch.float32), ptr(clip_coef, torch.float32),
-        ptr(wd_table, torch.float64), 1 if wd_table is None else wd_table.numel(),
+        dummy["table"] if lr_table is None else lr_table, 0 if lr_table is None else lr_table.numel(),
+        dummy["table"] if mom_table is None else mom_table, 0 if mom_table is None else mom_table.numel(),
+        dummy["schedule_step"] if schedule_step is None else schedule_step,
+        dummy["grad_scale"] if grad_scale is None else grad_scale,
+        dummy["found_inf"] if found_inf is None else found_inf,
+        dummy["clip_coef"] if clip_coef is None else clip_coef,
+        dummy["table"] if wd_table is None else wd_table, 0 if wd_table is None else wd_table.numel(),
     )
-    flags = dict(
-        HAS_LR_TABLE=lr_table is not None,
-        HAS_MOM_TABLE=mom_table is not None,
-        HAS_SCHEDULE_STEP=schedule_step is not None,
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        HAS_CLIP_COEF=clip_coef is not None,
-        HAS_WD_TABLE=wd_table is not None,
-    )
-    return Controls(args, flags, 6)
+    return Controls(args, 6)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Work tables
+# Work tables: the layout (everything but the grads) and the grad-address vectors
 # ------------------------------------------------------------------------------------------------------------
 
 
-class Plan:
-    """One call's work table on the device, and what the launch needs to know about it."""
+class GradVector:
+    """The addresses of one call's grads on the device (one int64 per tensor)."""
 
-    __slots__ = ("rows", "n_rows", "step_addrs", "n_tensors", "done", "pad", "aligned", "total", "size_class",
-                 "field_dtypes", "has_steps", "device", "captured")
+    __slots__ = ("addrs", "aligned", "captured", "nbytes", "staging", "streams")
+
+    def __init__(self, addrs: torch.Tensor, aligned: bool, staging: Optional[torch.Tensor] = None):
+        self.addrs = addrs
+        self.aligned = aligned
+        self.captured = False
+        self.nbytes = addrs.numel() * 8
+        self.staging = staging  # the pinned host buffer a captured copy re-reads at every replay
+        self.streams = {_stream_id(addrs.device)}  # streams its kernels ran on (see _used_on)
+
+
+class Layout:
+    """The work table of a set of params, states and master copies on the device, and what the launch needs
+    to know about it; its grad vectors, cached under the grad addresses."""
+
+    __slots__ = ("rows", "n_rows", "step_table", "n_tensors", "done", "pad", "aligned", "total", "size_class",
+                 "field_dtypes", "grad_dtype", "has_steps", "device", "captured", "nbytes", "grad_vectors",
+                 "staging", "streams")
 
 
 def size_class(total: int) -> int:
@@ -280,25 +343,24 @@ def size_class(total: int) -> int:
     return max(12, min(22, (max(total, 1) - 1).bit_length()))
 
 
-def _rows_small(fields, steps, numels, chunk, pad_addr):
+def _rows_small(fields, numels, chunk, pad_addr, grad_itemsize):
     """The rows as a flat Python list (fast for the few hundred rows of a typical call)."""
     flat = []
     lists = [(field, [t.data_ptr() for t in lst], lst[0].element_size()) for field, lst in fields.items()]
-    step_addrs = [s.data_ptr() for s in steps] if steps else None
     template = [pad_addr] * ROW
     for i, n in enumerate(numels):
         for start in range(0, n, chunk):
             row = template.copy()
             for field, addrs, size in lists:
                 row[field] = addrs[i] + start * size
-            if step_addrs is not None:
-                row[F_STEP] = step_addrs[i]
+            row[F_TENSOR] = i
+            row[F_GRAD_OFFSET] = start * grad_itemsize
             row[F_NUMEL] = min(chunk, n - start)
             flat.extend(row)
     return torch.tensor(flat, dtype=torch.int64).reshape(-1, ROW)
 
 
-def _rows_large(fields, steps, numels, chunk, pad_addr):
+def _rows_large(fields, numels, chunk, pad_addr, grad_itemsize):
     """The rows with vectorized tensor ops (for calls with many thousands of rows)."""
     numels_t = torch.tensor(numels, dtype=torch.int64)
     n_chunks = (numels_t + chunk - 1) // chunk
@@ -310,67 +372,135 @@ def _rows_large(fields, steps, numels, chunk, pad_addr):
     for field, lst in fields.items():
         base = torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64)
         rows[:, field] = base[tensor_of_row] + start * lst[0].element_size()
-    if steps:
-        rows[:, F_STEP] = torch.tensor([s.data_ptr() for s in steps], dtype=torch.int64)[tensor_of_row]
+    rows[:, F_TENSOR] = tensor_of_row
+    rows[:, F_GRAD_OFFSET] = start * grad_itemsize
     rows[:, F_NUMEL] = torch.clamp(numels_t[tensor_of_row] - start, max=chunk)
     return rows
 
 
+def _step_table(steps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[address | increment | increment at the first occurrence of the address, else 0] per tensor: the C++
+    ops add 1 per list entry, so a step tensor listed k times advances by k and every update reads the
+    counter after all increments (old + k)."""
+    addrs = [s.data_ptr() for s in steps]
+    counts = collections.Counter(addrs)
+    seen = set()
+    first = []
+    for a in addrs:
+        first.append(counts[a] if a not in seen else 0)
+        seen.add(a)
+    return torch.tensor(addrs + [counts[a] for a in addrs] + first, dtype=torch.int64)
+
+
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """An asynchronous host-to-device copy from pinned memory: building a table never waits for the GPU. (The
-    pinned buffer is returned to torch's caching host allocator, which reuses it only after the copy.)"""
+    pinned buffer is returned to torch's caching host allocator, which reuses it only after the copy.) Not
+    for use during CUDA-graph capture: allocating pinned memory queries CUDA events, which a capture forbids."""
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def build_plan(fields: Dict[int, Sequence[torch.Tensor]], steps: Optional[Sequence[torch.Tensor]],
-               device: torch.device, chunk: Optional[int] = None) -> Plan:
+def _staging(n: int, device: torch.device) -> torch.Tensor:
+    """A host buffer for one grad vector, pinned when the device is a GPU (allocated outside any capture)."""
+    return torch.empty(n, dtype=torch.int64, pin_memory=device.type == "cuda")
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` is capturing a CUDA graph."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _stream_id(device: torch.device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
+def _used_on(entry, tensors, device: torch.device) -> None:
+    """Tells torch's caching allocator that `tensors` (a cached table) are read on the current stream when it
+    is not the one they were allocated on (torch's recipe warms up on a side stream): their memory is then not
+    reused for another stream's allocation before these launches end, when the cache drops them."""
+    stream = _stream_id(device)
+    if stream not in entry.streams:
+        entry.streams.add(stream)
+        for t in tensors:
+            t.record_stream(torch.cuda.current_stream(device))
+
+
+def _aligned(tensors) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors if t.numel() > 0)
+
+
+def build_layout(fields: Dict[int, Sequence[torch.Tensor]], steps: Optional[Sequence[torch.Tensor]],
+                 device: torch.device, chunk: Optional[int] = None) -> Layout:
     chunk = CHUNK if chunk is None else chunk
     params = fields[F_PARAM]
     numels = [p.numel() for p in params]
     n_rows = sum(-(-n // chunk) for n in numels)
+    grad_itemsize = params[0].element_size()  # grads have the params' dtype
     pad = torch.zeros(4, dtype=torch.int64, device=device)  # what unused row fields point at
     pad_addr = pad.data_ptr()
     if n_rows == 0:
         # every tensor is empty: one row with no elements, so that one program still runs (AdamW's steps)
         rows = torch.full((1, ROW), pad_addr, dtype=torch.int64)
-        rows[0, F_NUMEL] = 0
+        rows[0, F_TENSOR] = rows[0, F_GRAD_OFFSET] = rows[0, F_NUMEL] = 0
         n_rows = 1
     elif n_rows <= 4096:
-        rows = _rows_small(fields, steps, numels, chunk, pad_addr)
+        rows = _rows_small(fields, numels, chunk, pad_addr, grad_itemsize)
     else:
-        rows = _rows_large(fields, steps, numels, chunk, pad_addr)
+        rows = _rows_large(fields, numels, chunk, pad_addr, grad_itemsize)
 
-    plan = Plan()
-    plan.captured = False
-    plan.device = device
-    plan.pad = pad
-    plan.rows = _to_device(rows, device)
-    plan.n_rows = n_rows
-    if steps:
-        plan.step_addrs = _to_device(torch.tensor([s.data_ptr() for s in steps], dtype=torch.int64), device)
-        plan.n_tensors = len(steps)
-    else:
-        plan.step_addrs = pad
-        plan.n_tensors = 0
-    plan.done = torch.zeros(1, dtype=torch.int32, device=device)
+    layout = Layout()
+    layout.captured = False
+    layout.device = device
+    layout.pad = pad
+    layout.rows = _to_device(rows, device)
+    layout.n_rows = n_rows
+    layout.n_tensors = len(params)
+    layout.step_table = _to_device(_step_table(steps), device) if steps else pad
+    layout.done = torch.zeros(1, dtype=torch.int32, device=device)
     # 16-byte alignment of every address lets the compiled kernel use 128-bit loads and stores; row offsets
     # are multiples of chunk * itemsize (16 bytes or more when chunk % 8 == 0), so the tensors' own
-    # addresses decide.
-    plan.aligned = chunk % 8 == 0 and all(
-        t.data_ptr() % 16 == 0 for lst in fields.values() for t in lst if t.numel() > 0)
-    plan.total = sum(numels)
-    plan.size_class = size_class(plan.total)
-    plan.field_dtypes = {field: lst[0].dtype for field, lst in fields.items()}
-    plan.has_steps = bool(steps)
-    return plan
+    # addresses decide (the grads' are checked per grad vector).
+    layout.aligned = chunk % 8 == 0 and all(_aligned(lst) for lst in fields.values())
+    layout.total = sum(numels)
+    layout.size_class = size_class(layout.total)
+    layout.field_dtypes = {field: lst[0].dtype for field, lst in fields.items()}
+    layout.grad_dtype = params[0].dtype
+    layout.has_steps = bool(steps)
+    layout.nbytes = rows.numel() * 8 + (3 * len(steps) * 8 if steps else 0)
+    layout.grad_vectors = collections.OrderedDict()
+    layout.staging = _staging(len(params), device)
+    layout.streams = {_stream_id(device)}
+    return layout
 
 
-_PLANS: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
+def _grad_vector(op: str, layout: Layout, grads: Sequence[torch.Tensor], capturing: bool) -> GradVector:
+    host = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    aligned = _aligned(grads)
+    if not capturing:
+        return GradVector(_to_device(host, layout.device), aligned)
+    # During capture: the layout's staging buffer, filled on the host; the captured copy re-reads it at every
+    # replay, so it now belongs to this grad vector (and a new one is allocated at the next eager call).
+    staging = layout.staging
+    if staging is None:
+        _fail(op, ": the Triton backend met a second new set of grads for the same params during one CUDA-graph "
+              "capture; run an eager step between captures")
+    layout.staging = None
+    staging.copy_(host)
+    if layout.device.type == "cpu":
+        return GradVector(staging, aligned, staging)
+    addrs = torch.empty(len(grads), dtype=torch.int64, device=layout.device)
+    addrs.copy_(staging, non_blocking=True)  # cudaMemcpyAsync from pinned memory: a memcpy node of the graph
+    return GradVector(addrs, aligned, staging)
 
 
-def plan_key(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps) -> tuple:
+_LAYOUTS: "collections.OrderedDict[tuple, Layout]" = collections.OrderedDict()
+
+
+def layout_key(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps) -> tuple:
     params = fields[F_PARAM]
     key = [op, CHUNK, params[0].device, tuple(p.numel() for p in params)]
     for field, lst in fields.items():
@@ -380,33 +510,83 @@ def plan_key(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps) -> tuple
     return tuple(key)
 
 
-def get_plan(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps, validate) -> Plan:
-    """The cached plan for these tensors; on a miss `validate()` runs the full list checks first."""
-    key = plan_key(op, fields, steps)
-    plan = _PLANS.get(key)
-    device = fields[F_PARAM][0].device
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if plan is not None:
-        _PLANS.move_to_end(key)
-        plan.captured = plan.captured or capturing  # a graph will replay against this table: never evict it
-        return plan
-    validate()
-    if capturing:
-        _fail(op, ": the Triton backend met a new set of tensors during CUDA-graph capture and cannot copy its "
-              "work table to the device now; run one step with the same params, grads and states before "
-              "capturing")
-    plan = build_plan(fields, steps, device)
-    _PLANS[key] = plan
-    if len(_PLANS) > MAX_PLANS:
-        for old_key in [k for k, p in _PLANS.items() if not p.captured][:len(_PLANS) - MAX_PLANS]:
-            del _PLANS[old_key]
-    return plan
+def get_plan(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps, grads: Sequence[torch.Tensor],
+             validate) -> Tuple[Layout, GradVector]:
+    """The cached layout and grad vector for these tensors. On a miss `validate()` runs the full list checks
+    (the grads' included) first; nothing is built or copied while the tensors stay where they are."""
+    params = fields[F_PARAM]
+    device = params[0].device
+    capturing = _capturing(device)
+    key = layout_key(op, fields, steps)
+    layout = _LAYOUTS.get(key)
+    missed = layout is None
+    if missed:
+        validate()
+        if capturing:
+            _fail(op, ": the Triton backend met new params or states during CUDA-graph capture and cannot copy its "
+                  "work table to the device now; run one step with the same params and states before capturing "
+                  "(torch's capture recipe warms up on a side stream first)")
+        layout = build_layout(fields, steps, device)
+        _LAYOUTS[key] = layout
+    else:
+        _LAYOUTS.move_to_end(key)
+    grad_key = (grads[0].dtype,) + tuple(g.data_ptr() for g in grads)
+    vector = layout.grad_vectors.get(grad_key)
+    if vector is None:
+        if not missed:
+            validate()
+        vector = _grad_vector(op, layout, grads, capturing)
+        layout.grad_vectors[grad_key] = vector
+        missed = True
+    else:
+        layout.grad_vectors.move_to_end(grad_key)
+    if capturing:  # a graph will replay against these: never evict them
+        layout.captured = vector.captured = True
+    else:
+        if layout.staging is None:
+            layout.staging = _staging(layout.n_tensors, device)
+        if device.type == "cuda":
+            _used_on(layout, (layout.rows, layout.step_table, layout.done, layout.pad), device)
+            _used_on(vector, (vector.addrs,), device)
+    if missed:
+        _evict(layout, vector)
+    return layout, vector
+
+
+def _evict(keep_layout: Layout, keep_vector: GradVector) -> None:
+    """Drop least recently used grad vectors beyond MAX_GRAD_VECTORS per layout, then least recently used
+    entries until the cache holds at most MAX_CACHE_BYTES (or only entries that must stay)."""
+    vectors = keep_layout.grad_vectors
+    for grad_key in [k for k, v in vectors.items() if not v.captured and v is not keep_vector][
+            :max(0, len(vectors) - MAX_GRAD_VECTORS)]:
+        del vectors[grad_key]
+    total = cache_bytes()
+    if total <= MAX_CACHE_BYTES:
+        return
+    for key, layout in list(_LAYOUTS.items()):  # oldest first
+        for grad_key, v in list(layout.grad_vectors.items()):
+            if total <= MAX_CACHE_BYTES:
+                return
+            if not v.captured and v is not keep_vector:
+                del layout.grad_vectors[grad_key]
+                total -= v.nbytes
+        if total > MAX_CACHE_BYTES and not layout.captured and layout is not keep_layout:
+            del _LAYOUTS[key]
+            total -= layout.nbytes + sum(v.nbytes for v in layout.grad_vectors.values())
+
+
+def cache_bytes() -> int:
+    """Device bytes held by the cached work tables and grad vectors."""
+    return sum(layout.nbytes + sum(v.nbytes for v in layout.grad_vectors.values()) for layout in _LAYOUTS.values())
 
 
 def clear_caches() -> None:
-    """Drops every cached work table not used by a CUDA-graph capture."""
-    for key in [k for k, p in _PLANS.items() if not p.captured]:
-        del _PLANS[key]
+    """Drops every cached work table and grad vector not used by a CUDA-graph capture."""
+    for key, layout in list(_LAYOUTS.items()):
+        for grad_key in [k for k, v in layout.grad_vectors.items() if not v.captured]:
+            del layout.grad_vectors[grad_key]
+        if not layout.captured:
+            del _LAYOUTS[key]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -414,6 +594,8 @@ def clear_caches() -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 _TUNED = set()
+# Kernel variants (kernel, device, constexprs, config) launched outside a capture: compiled and loaded.
+_LAUNCHED = set()
 _TUNING_ROWS = None
 
 
@@ -439,24 +621,25 @@ def common_meta(params, master_params) -> dict:
     )
 
 
-def _plan_args(plan: Plan) -> tuple:
-    return (plan.rows, plan.n_tensors, plan.step_addrs, plan.done)
+def _plan_args(layout: Layout, vector: GradVector) -> tuple:
+    return (layout.rows, vector.addrs, layout.n_tensors, layout.step_table, layout.done)
 
 
-def _tune(tuned, plan: Plan, ctrl: Controls, scalars: tuple, meta: dict) -> None:
+def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple, meta: dict) -> None:
     """Runs the autotuner once for this kernel variant and size class, on scratch buffers shaped like the call
     (one flat tensor per stream, at most TUNE_MAX_ELEMENTS elements) and with found_inf cleared, so that the
     benchmark's repeated updates touch nothing of the caller's."""
     global _TUNING_ROWS
-    device = plan.device
-    n = max(1, min(plan.total, TUNE_MAX_ELEMENTS))
-    fields = {f: [torch.zeros(n, dtype=dt, device=device)] for f, dt in plan.field_dtypes.items()}
-    steps = [torch.zeros((), dtype=torch.int64, device=device)] if plan.has_steps else None
-    scratch = build_plan(fields, steps, device)
+    device = layout.device
+    n = max(1, min(layout.total, TUNE_MAX_ELEMENTS))
+    fields = {f: [torch.zeros(n, dtype=dt, device=device)] for f, dt in layout.field_dtypes.items()}
+    grads = [torch.zeros(n, dtype=layout.grad_dtype, device=device)]
+    steps = [torch.zeros((), dtype=torch.int64, device=device)] if layout.has_steps else None
+    scratch = build_layout(fields, steps, device)
+    scratch_vector = _grad_vector("tune", scratch, grads, False)
     ctrl_args = list(ctrl.args)
-    if meta["HAS_FOUND_INF"]:
-        ctrl_args[ctrl.found_inf_index] = torch.zeros(1, dtype=torch.float32, device=device)
-    args = _plan_args(scratch) + tuple(ctrl_args) + scalars + (plan.size_class,)  # kernel_args, on scratch
+    ctrl_args[ctrl.found_inf_index] = torch.zeros(1, dtype=torch.float32, device=device)
+    args = _plan_args(scratch, scratch_vector) + tuple(ctrl_args) + scalars + (layout.size_class,)
     _TUNING_ROWS = scratch.rows
     try:
         tuned[(scratch.n_rows,)](*args, **meta, enable_fp_fusion=False)
@@ -464,33 +647,58 @@ def _tune(tuned, plan: Plan, ctrl: Controls, scalars: tuple, meta: dict) -> None
         _TUNING_ROWS = None
 
 
-def kernel_args(plan: Plan, ctrl: Controls, scalars: tuple) -> tuple:
-    """The positional arguments every kernel takes: the plan, the controls, the float64 hyperparameters (lr
-    and momentum/beta1 first, then the rule's own) and the size class."""
-    return _plan_args(plan) + ctrl.args + scalars + (plan.size_class,)
+def kernel_args(layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple) -> tuple:
+    """The positional arguments every kernel takes: the work table, the grad vector, the step table, the
+    controls, the float64 hyperparameters (lr and momentum/beta1 first, then the rule's own, then its runtime
+    flags) and the size class."""
+    return _plan_args(layout, vector) + ctrl.args + scalars + (layout.size_class,)
 
 
-def kernel_meta(plan: Plan, ctrl: Controls, meta: dict) -> dict:
-    """The constexpr flags: the rule's, the controls' HAS_*, ALIGNED and SOFT_BF16."""
-    return dict(meta, **ctrl.flags, ALIGNED=plan.aligned, SOFT_BF16=INTERPRET)
+def kernel_meta(layout: Layout, vector: GradVector, meta: dict) -> dict:
+    """The constexprs: the rule's, ALIGNED and SOFT_BF16."""
+    return dict(meta, ALIGNED=layout.aligned and vector.aligned, SOFT_BF16=INTERPRET)
 
 
-def launch(kernel, tuned, plan: Plan, ctrl: Controls, scalars: tuple, meta: dict) -> None:
-    """One launch of `kernel` over the plan's rows (autotuned with `tuned` on a GPU)."""
-    meta = kernel_meta(plan, ctrl, meta)
-    args = kernel_args(plan, ctrl, scalars)
-    grid = (plan.n_rows,)
+def _not_loaded(kernel, meta: dict) -> None:
+    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+    flags = ", ".join(f"{k}={v}" for k, v in sorted(meta.items()))
+    _fail("fusedopt.triton: the kernel variant ", name, " (", flags, ") would be compiled and loaded for the "
+          "first time during CUDA-graph capture, which CUDA forbids; run one eager step with the same params, "
+          "dtypes and optimizer options (and the same autotuning setting) before capturing")
+
+
+def launch(kernel, tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple, meta: dict) -> None:
+    """One launch of `kernel` over the layout's rows (autotuned with `tuned` on a GPU). During CUDA-graph
+    capture only a variant already launched eagerly may run (see the module docstring)."""
+    meta = kernel_meta(layout, vector, meta)
+    args = kernel_args(layout, vector, ctrl, scalars)
+    grid = (layout.n_rows,)
+    device = layout.device
+    capturing = _capturing(device)
+    variant = (kernel, device, tuple(sorted(meta.items())))
     if INTERPRET:
+        # nothing is compiled, but the capture rule is enforced alike, so CPU tests can check it
+        if capturing and variant + ("interpreter",) not in _LAUNCHED:
+            _not_loaded(kernel, meta)
         kernel[grid](*args, **meta, BLOCK=INTERPRET_BLOCK)
+        _LAUNCHED.add(variant + ("interpreter",))
         return
-    device = plan.device
     with torch.cuda.device(device):
-        tune_key = (kernel, device, plan.size_class, tuple(sorted(meta.items())))
-        if tune_key not in _TUNED:
-            if not AUTOTUNE or torch.cuda.is_current_stream_capturing():
-                # no benchmarking inside a capture: a fixed config (the next eager call tunes)
+        tune_key = (kernel, device, layout.size_class, variant[2])
+        default = variant + ("default",)
+        if capturing:
+            if AUTOTUNE and tune_key in _TUNED:  # the tuned config ran eagerly: loaded, and cached by the tuner
+                tuned[grid](*args, **meta, enable_fp_fusion=False)
+            elif default in _LAUNCHED:
                 kernel[grid](*args, **meta, BLOCK=DEFAULT_BLOCK, num_warps=DEFAULT_WARPS, enable_fp_fusion=False)
-                return
-            _tune(tuned, plan, ctrl, scalars, meta)
-            _TUNED.add(tune_key)
-        tuned[grid](*args, **meta, enable_fp_fusion=False)
+            else:
+                _not_loaded(kernel, meta)
+            return
+        if AUTOTUNE:
+            if tune_key not in _TUNED:
+                _tune(tuned, layout, vector, ctrl, scalars, meta)
+                _TUNED.add(tune_key)
+            tuned[grid](*args, **meta, enable_fp_fusion=False)
+        else:
+            kernel[grid](*args, **meta, BLOCK=DEFAULT_BLOCK, num_warps=DEFAULT_WARPS, enable_fp_fusion=False)
+            _LAUNCHED.add(default)

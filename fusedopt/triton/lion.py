@@ -32,24 +32,20 @@ def _lion_elements(p_addr, g_addr, m_addr, master_addr, offs, mask,
     J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
 
 
-@triton.jit
+@triton.jit(**L.jit_options(int_args=["beta1_table_len"], pointer_args=["beta1_table_ptr"]))
 def lion_kernel(
-    rows_ptr, n_tensors: tl.int64, step_addrs_ptr, done_ptr,
+    rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, beta1_table_ptr, beta1_table_len: tl.int64, schedule_step_ptr,
     grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
     lr: tl.float64, beta1: tl.float64, beta2: tl.float64, weight_decay: tl.float64,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-    HAS_LR_TABLE: tl.constexpr, HAS_MOM_TABLE: tl.constexpr, HAS_SCHEDULE_STEP: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
-    HAS_WD_TABLE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = J.row_ptr(rows_ptr)
     lr_now, beta1_now, wd_now, live, inv_scale, clip_coef = J.read_controls(
         schedule_step_ptr, lr_table_ptr, lr_table_len, beta1_table_ptr, beta1_table_len,
-        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, beta1, weight_decay,
-        HAS_SCHEDULE_STEP, HAS_LR_TABLE, HAS_MOM_TABLE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_CLIP_COEF,
-        HAS_WD_TABLE, T_DTYPE)
+        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, beta1, weight_decay, T_DTYPE)
 
     # rules.h make_lion_scalars()
     beta2_64 = J.f64(beta2)
@@ -61,7 +57,7 @@ def lion_kernel(
     one_minus_beta2 = (1.0 - beta2_64).to(T_DTYPE)
 
     p_addr = tl.load(row + J.F_PARAM)
-    g_addr = tl.load(row + J.F_GRAD)
+    g_addr = J.grad_addr(row, grad_addrs_ptr)
     m_addr = tl.load(row + J.F_STATE0)
     master_addr = tl.load(row + J.F_MASTER)
     n = tl.where(live, tl.load(row + J.F_NUMEL), 0)  # found_inf: no element is touched
@@ -91,19 +87,19 @@ def lion_(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay
     L.check_params(op, params)
     if not params:
         return
-    fields = {L.F_PARAM: params, L.F_GRAD: grads, L.F_STATE0: exp_avgs}
+    fields = {L.F_PARAM: params, L.F_STATE0: exp_avgs}
     if master_params:
         fields[L.F_MASTER] = master_params
 
-    def validate():
+    def validate():  # on a cache miss
         sdtype = L.state_dtype(params, master_params)
         L.check_list(op, "grads", params, grads, True, params[0].dtype)
         L.check_list(op, "exp_avgs", params, exp_avgs, True, sdtype)
         L.check_list(op, "master_params", params, master_params, False, torch.float32)
 
-    plan = L.get_plan(op, fields, None, validate)
+    layout, grad_vector = L.get_plan(op, fields, None, grads, validate)
     ctrl = L.controls(op, params[0].device, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
                       clip_coef, weight_decay_table)
     meta = L.common_meta(params, master_params)
     scalars = (float(lr), float(beta1), float(beta2), float(weight_decay))
-    L.launch(lion_kernel, _tuned, plan, ctrl, scalars, meta)
+    L.launch(lion_kernel, _tuned, layout, grad_vector, ctrl, scalars, meta)

@@ -16,9 +16,9 @@ from fusedopt.triton import launcher as L
 
 @J.device_function
 def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, mask,
-                  inv_scale, clip_coef, neg_lr, weight_decay, momentum, one_minus_dampening,
+                  inv_scale, clip_coef, neg_lr, weight_decay, momentum, one_minus_dampening, first_step,
                   P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                  USE_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+                  USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
     p = J.load_param(p_addr, master_addr, offs, mask, P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
     g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
@@ -27,7 +27,8 @@ def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, mask,
     # rules.h sgd_update(), same operations in the same order
     g = tl.where(weight_decay != 0, J.fma(weight_decay, p, g), g)  # skipped at 0, like torch
     if USE_MOMENTUM:
-        if FIRST_STEP:
+        # first_step: a runtime flag (one compiled kernel for the first and the later steps, see launcher.py)
+        if first_step != 0:
             buf = g  # torch creates the buffer as a copy of the gradient (sgd.cpp does not read it)
         else:
             buf = J.load_elems(buf_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
@@ -42,25 +43,21 @@ def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, mask,
     J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
 
 
-@triton.jit
+@triton.jit(**L.jit_options(int_args=["momentum_table_len", "first_step"], pointer_args=["momentum_table_ptr"]))
 def sgd_kernel(
-    rows_ptr, n_tensors: tl.int64, step_addrs_ptr, done_ptr,
+    rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, momentum_table_ptr, momentum_table_len: tl.int64, schedule_step_ptr,
     grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
-    lr: tl.float64, momentum: tl.float64, dampening: tl.float64, weight_decay: tl.float64,
+    lr: tl.float64, momentum: tl.float64, dampening: tl.float64, weight_decay: tl.float64, first_step: tl.int32,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-    HAS_LR_TABLE: tl.constexpr, HAS_MOM_TABLE: tl.constexpr, HAS_SCHEDULE_STEP: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
-    HAS_WD_TABLE: tl.constexpr, USE_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = J.row_ptr(rows_ptr)
     lr_now, momentum_now, wd_now, live, inv_scale, clip_coef = J.read_controls(
         schedule_step_ptr, lr_table_ptr, lr_table_len, momentum_table_ptr, momentum_table_len,
-        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, momentum, weight_decay,
-        HAS_SCHEDULE_STEP, HAS_LR_TABLE, HAS_MOM_TABLE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_CLIP_COEF,
-        HAS_WD_TABLE, T_DTYPE)
+        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, momentum, weight_decay, T_DTYPE)
 
     # rules.h make_sgd_scalars()
     neg_lr = (-lr_now).to(T_DTYPE)
@@ -69,7 +66,7 @@ def sgd_kernel(
     one_minus_dampening = (1.0 - J.f64(dampening)).to(T_DTYPE)
 
     p_addr = tl.load(row + J.F_PARAM)
-    g_addr = tl.load(row + J.F_GRAD)
+    g_addr = J.grad_addr(row, grad_addrs_ptr)
     buf_addr = tl.load(row + J.F_STATE0)
     master_addr = tl.load(row + J.F_MASTER)
     n = tl.where(live, tl.load(row + J.F_NUMEL), 0)  # found_inf: no element is touched
@@ -77,14 +74,14 @@ def sgd_kernel(
     for start in range(0, n_full, BLOCK):  # full blocks: no mask, 128-bit accesses when ALIGNED
         offs = start + tl.arange(0, BLOCK)
         _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, None,
-                      inv_scale, clip_coef, neg_lr, weight_decay_t, momentum_t, one_minus_dampening,
-                      P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, USE_MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE,
+                      inv_scale, clip_coef, neg_lr, weight_decay_t, momentum_t, one_minus_dampening, first_step,
+                      P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, USE_MOMENTUM, NESTEROV, MAXIMIZE,
                       ALIGNED, SOFT_BF16)
     for start in range(n_full, n, BLOCK):  # the tail: at most one masked block
         offs = start + tl.arange(0, BLOCK)
         _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, offs < n,
-                      inv_scale, clip_coef, neg_lr, weight_decay_t, momentum_t, one_minus_dampening,
-                      P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, USE_MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE,
+                      inv_scale, clip_coef, neg_lr, weight_decay_t, momentum_t, one_minus_dampening, first_step,
+                      P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, USE_MOMENTUM, NESTEROV, MAXIMIZE,
                       ALIGNED, SOFT_BF16)
 
 
@@ -104,22 +101,22 @@ def sgd_(params, grads, momentum_buffers, master_params, lr, momentum, dampening
     if not params:
         return
     use_momentum = len(momentum_buffers) > 0
-    fields = {L.F_PARAM: params, L.F_GRAD: grads}
+    fields = {L.F_PARAM: params}
     if use_momentum:
         fields[L.F_STATE0] = momentum_buffers
     if master_params:
         fields[L.F_MASTER] = master_params
 
-    def validate():
+    def validate():  # on a cache miss
         sdtype = L.state_dtype(params, master_params)
         L.check_list(op, "grads", params, grads, True, params[0].dtype)
         L.check_list(op, "momentum_buffers", params, momentum_buffers, False, sdtype)
         L.check_list(op, "master_params", params, master_params, False, torch.float32)
 
-    plan = L.get_plan(op, fields, None, validate)
+    layout, grad_vector = L.get_plan(op, fields, None, grads, validate)
     ctrl = L.controls(op, params[0].device, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
                       clip_coef, weight_decay_table)
-    meta = dict(L.common_meta(params, master_params), USE_MOMENTUM=use_momentum,
-                FIRST_STEP=bool(first_step) and use_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize))
-    scalars = (float(lr), float(momentum), float(dampening), float(weight_decay))
-    L.launch(sgd_kernel, _tuned, plan, ctrl, scalars, meta)
+    meta = dict(L.common_meta(params, master_params), USE_MOMENTUM=use_momentum, NESTEROV=bool(nesterov),
+                MAXIMIZE=bool(maximize))
+    scalars = (float(lr), float(momentum), float(dampening), float(weight_decay), int(bool(first_step)))
+    L.launch(sgd_kernel, _tuned, layout, grad_vector, ctrl, scalars, meta)

@@ -3,9 +3,10 @@
     python tests/distributed/worker.py --rank R --world-size 2 --init-file F --out DIR [--scenarios a,b,...]
 
 Every scenario trains the same tiny model twice from the same initial weights and data, once with fusedopt
-and once with the reference (torch.optim, or lion-pytorch's Lion, driven by a LambdaLR that follows the same
-table), and saves what the test compares to DIR/rank{R}.pt: the full parameters of both runs (gathered with
-full_tensor() for FSDP2, only for the comparison), plus per-scenario extras. The worker asserts nothing: the
+(schedule: TABLE, a warmup_cosine) and once with the reference (torch.optim, or lion-pytorch's Lion, driven by
+Hugging Face's get_cosine_schedule_with_warmup, the schedule TABLE mirrors, never by the table itself), and
+saves what the test compares to DIR/rank{R}.pt: the full parameters of both runs (gathered with full_tensor()
+for FSDP2, only for the comparison), plus per-scenario extras. The worker asserts nothing: the
 test does, so a failure names the scenario, rank and tensor.
 """
 
@@ -27,8 +28,9 @@ from fusedopt import schedules
 from fusedopt.table_scheduler import TableScheduler
 
 STEPS = 8
+WARMUP = 2
 RESUME_AT = 3  # the checkpoint scenario saves after this many steps
-TABLE = schedules.warmup_cosine(STEPS, 2)
+TABLE = schedules.warmup_cosine(STEPS, WARMUP)
 
 
 def model_fn(outputs: int = 1) -> nn.Module:
@@ -63,8 +65,23 @@ def references():
     }
 
 
-def table_lambda(t: int) -> float:
-    return TABLE.lr_at(t)
+def reference_schedule(opt):
+    """The oracle of TABLE: transformers' get_cosine_schedule_with_warmup on the reference optimizer."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(opt, num_warmup_steps=WARMUP, num_training_steps=STEPS)
+
+
+def reference_lrs(base_lr: float, n: int):
+    """The lr of optimizer steps 0..n-1 under reference_schedule, read from a torch optimizer."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    sched = reference_schedule(opt)
+    lrs = []
+    for _ in range(n):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
 
 
 def full_params(model):
@@ -113,7 +130,7 @@ def scenario_ddp(rank, mesh, tmp):
         ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE)
         ref = ref_factory(ref_model.parameters(), **options)
         train(ours_model, ours, rank, STEPS)
-        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref))
         out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model)}
     return out
 
@@ -125,7 +142,7 @@ def scenario_fsdp2(rank, mesh, tmp):
         ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE)
         ref = ref_factory(ref_model.parameters(), **options)
         train(ours_model, ours, rank, STEPS)
-        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref))
         state_types = sorted({type(v).__name__ for s in ours.state.values() for k, v in s.items() if k != "step"})
         local_shapes = [tuple(p.to_local().shape) for p in ours_model.parameters()]
         out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model),
@@ -152,7 +169,7 @@ def scenario_fsdp2_clip(rank, mesh, tmp):
             loss_fn(ours_model, rank, t).backward()
             ours.step()
             ours_norms.append(float(ours.last_grad_norm))
-        ref_norms = train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda),
+        ref_norms = train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref),
                           clip=(0.05, norm_type))
         out[name] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "fused_norms": ours_norms,
                      "ref_norms": ref_norms, "lion": rule == "lion"}
@@ -177,9 +194,12 @@ def scenario_zero(rank, mesh, tmp):
             ours.step()
             sched.step()
             logged.append(sched.get_last_lr()[0])
-        train(ref_model, ref, rank, STEPS, sched=torch.optim.lr_scheduler.LambdaLR(ref, table_lambda))
+        train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref))
         local = sum(p.numel() for g in ours.optim.param_groups for p in g["params"])
         out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "logged_lr": logged,
+                     # the lr of steps 1..STEPS; step STEPS is past the table's end (one entry per step of a
+                     # STEPS-step run), where the table holds step STEPS - 1's lr
+                     "expected_lr": reference_lrs(options["lr"], STEPS)[1:] + reference_lrs(options["lr"], STEPS)[-1:],
                      "local_numel": local, "total_numel": sum(p.numel() for p in ours_model.parameters())}
     return out
 
@@ -213,7 +233,7 @@ def scenario_dcp(rank, mesh, tmp):
         set_optimizer_state_dict(model2, opt2, state["optim"])
         restored = {"host_step": opt2.schedule_step,
                     "device_steps": [int(g["schedule_step"]) for g in opt2.param_groups],
-                    "last_lr": opt2.get_last_lr(), "expected_lr": [TABLE.lr_at(RESUME_AT) * options["lr"]],
+                    "last_lr": opt2.get_last_lr(), "expected_lr": [reference_lrs(options["lr"], RESUME_AT + 1)[RESUME_AT]],
                     "state_types": sorted({type(v).__name__ for s in opt2.state.values()
                                            for k, v in s.items() if k != "step"})}
         train(model2, opt2, rank, STEPS - RESUME_AT, start=RESUME_AT)
@@ -221,8 +241,108 @@ def scenario_dcp(rank, mesh, tmp):
     return out
 
 
+def scenario_hsdp_clip(rank, mesh, tmp):
+    """README: clipping all-reduces the local norm^p over the mesh dimensions the grads are sharded on, and
+    not over replicated ones. HSDP (fully_shard on a 2-D mesh: replicate x shard = 2 x 1) makes every param a
+    DTensor with placements (Replicate(), Shard(0)); summing over the replicate dimension would make the L2
+    norm sqrt(2) and the L1 norm 2 times too large. Reference: clip_grad_norm_ on the HSDP model + torch.optim."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh2 = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
+    out = {}
+    refs = references()
+    for name, rule, norm_type in (("adamw_l2", "adamw", 2.0), ("sgd_l1", "sgd", 1.0)):
+        fused_cls, ref_factory, options = refs[rule]
+        ours_model, ref_model = fsdp2(model_fn(), mesh2), fsdp2(model_fn(), mesh2)
+        ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE, max_grad_norm=0.05, norm_type=norm_type)
+        ref = ref_factory(ref_model.parameters(), **options)
+        ours_norms = []
+        for t in range(STEPS):
+            ours.zero_grad(set_to_none=True)
+            loss_fn(ours_model, rank, t).backward()
+            ours.step()
+            ours_norms.append(float(ours.last_grad_norm))
+        ref_norms = train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref), clip=(0.05, norm_type))
+        out[name] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "fused_norms": ours_norms,
+                     "ref_norms": ref_norms,
+                     "placements": sorted({str(p.placements) for p in ours_model.parameters()})}
+    return out
+
+
+def scenario_fsdp2_inf_empty(rank, mesh, tmp):
+    """README: torch's clip_grad_norm_ fails on an empty local shard with norm_type=inf, fusedopt does not. The
+    (1, 9) weight and (1,) bias leave rank 1 an empty shard. Reference: torch.optim on the same FSDP2 model,
+    clipped by torch's clip_grads_with_norm_ with the inf-norm of the full grads (get_total_norm over their
+    full_tensor()); records what torch's own clip_grad_norm_ raises on rank 1."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    fused_cls, ref_factory, options = references()["adamw"]
+    ours_model, ref_model = fsdp2(model_fn(), mesh), fsdp2(model_fn(), mesh)
+    ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE, max_grad_norm=0.05, norm_type=math.inf)
+    ref = ref_factory(ref_model.parameters(), **options)
+    sched = reference_schedule(ref)
+    ours_norms, ref_norms, torch_error = [], [], None
+    for t in range(STEPS):
+        ours.zero_grad(set_to_none=True)
+        loss_fn(ours_model, rank, t).backward()
+        ours.step()
+        ours_norms.append(float(ours.last_grad_norm))
+        ref.zero_grad(set_to_none=True)
+        loss_fn(ref_model, rank, t).backward()
+        if t == 0 and rank == 1:
+            # torch's clip_grad_norm_ on the rank whose shards are empty: it raises in the local norm, before the
+            # all-reduce (called on rank 0 too, rank 0 would wait in that all-reduce for a rank that never comes)
+            try:
+                torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05, norm_type=math.inf)
+            except RuntimeError as e:
+                torch_error = str(e)
+        total = torch.nn.utils.get_total_norm([p.grad.full_tensor() for p in ref_model.parameters()], math.inf)
+        torch.nn.utils.clip_grads_with_norm_(ref_model.parameters(), 0.05,
+                                             DTensor.from_local(total, mesh, [Replicate()], run_check=False))
+        ref_norms.append(float(total))
+        ref.step()
+        sched.step()
+    local_shapes = [tuple(p.to_local().shape) for p in ours_model.parameters()]
+    return {"adamw_inf": {"fused": full_params(ours_model), "ref": full_params(ref_model),
+                          "fused_norms": ours_norms, "ref_norms": ref_norms, "torch_error": torch_error,
+                          "local_shapes": local_shapes}}
+
+
+def scenario_fsdp2_triton_master(rank, mesh, tmp):
+    """README: DTensor params work with the Triton backend (here under TRITON_INTERPRET=1 on CPU tensors) and with
+    master weights. bfloat16 FSDP2 model, backend="triton", master_weights=True; reference: torch.optim on a
+    float32 FSDP2 copy started from the same (bfloat16) values and fed the same bfloat16 grads, widened. The
+    float32 master copies must follow it, and each bfloat16 param must be its master copy rounded."""
+    out = {}
+    for rule, (fused_cls, ref_factory, options) in references().items():
+        ours_model = fsdp2(model_fn().to(torch.bfloat16), mesh)
+        ref_model = fsdp2(model_fn().to(torch.bfloat16).to(torch.float32), mesh)
+        ours = fused_cls(ours_model.parameters(), **options, schedule=TABLE, backend="triton", master_weights=True)
+        ref = ref_factory(ref_model.parameters(), **options)
+        sched = reference_schedule(ref)
+        for t in range(STEPS):
+            ours.zero_grad(set_to_none=True)
+            x, y = batch(rank, t)
+            ((ours_model(x.to(torch.bfloat16)).float() - y) ** 2).mean().backward()
+            for p, q in zip(ours_model.parameters(), ref_model.parameters()):
+                q.grad = p.grad.to(torch.float32)
+            ours.step()
+            ref.step()
+            sched.step()
+        params = list(ours_model.parameters())
+        masters = [ours.state[p]["master_param"] for p in params]
+        out[rule] = {"fused": [m.full_tensor().detach().clone() for m in masters], "ref": full_params(ref_model),
+                     "param_is_master_rounded": all(torch.equal(p.full_tensor(), m.full_tensor().to(p.dtype))
+                                                    for p, m in zip(params, masters)),
+                     "dtypes": sorted({str(p.dtype) for p in params} | {str(m.dtype) for m in masters}),
+                     "state_types": sorted({type(v).__name__ for s in ours.state.values()
+                                            for k, v in s.items() if k != "step"})}
+    return out
+
+
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "fsdp2_clip": scenario_fsdp2_clip,
-             "zero": scenario_zero, "dcp": scenario_dcp}
+             "zero": scenario_zero, "dcp": scenario_dcp, "hsdp_clip": scenario_hsdp_clip,
+             "fsdp2_inf_empty": scenario_fsdp2_inf_empty, "fsdp2_triton_master": scenario_fsdp2_triton_master}
 
 
 def main():

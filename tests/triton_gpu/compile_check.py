@@ -7,7 +7,9 @@ that every compiled variant builds and keeps the numerics the C++ kernels have:
     no contraction of any other a*b+c (the C++ kernels are built with -ffp-contract=off),
   * IEEE-rounded division and square root (div.rn / sqrt.rn, never div.full / div.approx / sqrt.approx),
   * round-to-nearest-even float conversions (the static_casts of the C++ kernels),
-  * 128-bit global loads and stores when every address is 16-byte aligned.
+  * 128-bit global loads and stores when every address is 16-byte aligned,
+  * in AdamW, a block-wide barrier between the last global memory access of the update (every warp's read of
+    its step included) and the atomic increment of the done-counter (PyTorch's mark_block_finished pattern).
 """
 
 import json
@@ -25,13 +27,13 @@ from triton.compiler import ASTSource  # noqa: E402
 from fusedopt.triton import adamw, lion, sgd  # noqa: E402
 
 POINTERS = {
-    "rows_ptr": "*i64", "step_addrs_ptr": "*i64", "done_ptr": "*i32",
+    "rows_ptr": "*i64", "grad_addrs_ptr": "*i64", "step_table_ptr": "*i64", "done_ptr": "*i32",
     "lr_table_ptr": "*fp64", "beta1_table_ptr": "*fp64", "momentum_table_ptr": "*fp64",
     "schedule_step_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32",
     "wd_table_ptr": "*fp64",
 }
 ANNOTATED = {"n_tensors": "i64", "lr_table_len": "i64", "beta1_table_len": "i64", "momentum_table_len": "i64",
-             "wd_table_len": "i64", "SIZE_CLASS": "i32"}
+             "wd_table_len": "i64", "SIZE_CLASS": "i32", "first_step": "i32"}
 
 
 def signature(kernel, constexprs):
@@ -57,6 +59,11 @@ def check(kernel, constexprs, capability=90, num_warps=4):
     def count(pattern):
         return len(re.findall(pattern, ptx))
 
+    # the PTX up to the first atomic: its last barrier must come after its last global load or store
+    before_atom = ptx.split("atom.", 1)[0] if "atom." in ptx else ""
+    barriers = [m.end() for m in re.finditer(r"\b(bar|barrier)\.sync\b", before_atom)]
+    accesses = [m.end() for m in re.finditer(r"\b(ld|st)\.global\b", before_atom)]
+
     return {
         "kernel": kernel.__name__,
         "constexprs": {k: str(v) for k, v in constexprs.items()},
@@ -70,6 +77,7 @@ def check(kernel, constexprs, capability=90, num_warps=4):
         "st_v4": count(r"\bst\.global(\.[a-z0-9_]+)*\.v4"),
         "ld_v2": count(r"\bld\.global(\.[a-z0-9_]+)*\.v2"),
         "atom": count(r"\batom\."),
+        "barrier_before_atom": bool(barriers) and (not accesses or barriers[-1] > accesses[-1]),
         # float conversions must round to nearest (even): no cvt.rz / cvt.rm / cvt.rp
         "cvt_not_rn": count(r"\bcvt\.r[zmp]\b"),
         # float add/sub/mul without an explicit rounding mode may be contracted into an FMA by ptxas
@@ -79,23 +87,17 @@ def check(kernel, constexprs, capability=90, num_warps=4):
 
 def variants():
     f32, bf16, f16, f64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
-    controls = dict(HAS_LR_TABLE=True, HAS_MOM_TABLE=True, HAS_SCHEDULE_STEP=True, HAS_GRAD_SCALE=True,
-                    HAS_FOUND_INF=True, HAS_CLIP_COEF=True, HAS_WD_TABLE=True)
-    no_controls = {k: False for k in controls}
     for p, s, t, master in ((f32, f32, f32, False), (bf16, f32, f32, True), (f16, f16, f32, False),
                             (f64, f64, f64, False)):
         dt = dict(P_DTYPE=p, S_DTYPE=s, T_DTYPE=t, HAS_MASTER=master, ALIGNED=True, SOFT_BF16=False, BLOCK=1024)
-        yield adamw.adamw_kernel, dict(dt, **controls, AMSGRAD=True, MAXIMIZE=True, DECOUPLED=True)
-        yield adamw.adamw_kernel, dict(dt, **controls, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False)
-        yield sgd.sgd_kernel, dict(dt, **controls, USE_MOMENTUM=True, FIRST_STEP=False, NESTEROV=True,
-                                   MAXIMIZE=False)
-        yield lion.lion_kernel, dict(dt, **controls)
+        yield adamw.adamw_kernel, dict(dt, AMSGRAD=True, MAXIMIZE=True, DECOUPLED=True)
+        yield adamw.adamw_kernel, dict(dt, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False)
+        yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False)
+        yield lion.lion_kernel, dict(dt)
     dt = dict(P_DTYPE=f32, S_DTYPE=f32, T_DTYPE=f32, HAS_MASTER=False, ALIGNED=False, SOFT_BF16=False, BLOCK=512)
-    yield adamw.adamw_kernel, dict(dt, **no_controls, AMSGRAD=False, MAXIMIZE=False, DECOUPLED=True)
-    yield sgd.sgd_kernel, dict(dt, **no_controls, USE_MOMENTUM=False, FIRST_STEP=False, NESTEROV=False,
-                               MAXIMIZE=True)
-    yield sgd.sgd_kernel, dict(dt, **no_controls, USE_MOMENTUM=True, FIRST_STEP=True, NESTEROV=False,
-                               MAXIMIZE=False)
+    yield adamw.adamw_kernel, dict(dt, AMSGRAD=False, MAXIMIZE=False, DECOUPLED=True)
+    yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=False, NESTEROV=False, MAXIMIZE=True)
+    yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False)
 
 
 if __name__ == "__main__":
