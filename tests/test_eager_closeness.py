@@ -4,14 +4,19 @@ The eager trajectory is torch.optim.SGD / AdamW / Adam with foreach=False (one A
 lion-pytorch's Lion for Lion). Each case runs three optimizers on the same params, grads and hyperparameters:
 the eager oracle, torch's fused CPU kernel (fused=True; none exists for Lion) and fusedopt's CPU kernel, with
 a torch OneCycleLR attached to torch's optimizers and the same scheduler baked into a table for ours (or a
-plain lr). After N steps it counts, per implementation, the fraction of param elements that differ bitwise
-from the eager run. The claim tested: fusedopt's fraction <= torch fused's fraction, both measured here on
-this machine; nothing is compared with a stored figure.
+plain lr). After N steps it counts, per implementation, the fraction of elements (params; params and states)
+that differ bitwise from the eager run. The claim tested: fusedopt's fraction <= torch fused's fraction, both
+measured here on this machine; nothing is compared with a stored figure.
 
 Why ours can be as close as that: rules.h rounds where torch's eager CPU ops round (fused multiply-adds where
 torch's add(alpha=), lerp and addcmul fuse; see its header), and computes beta**step as Python does up to the
-last bit (a correctly rounded power). What remains: the rare steps where glibc's pow or `x ** 0.5` (which
-eager AdamW uses for the bias corrections) are not correctly rounded, and Lion's sign at exact ties.
+last bit (a correctly rounded power). SGD is then bit for bit eager. What remains for Adam(W) is eager's sqrt,
+which is not correctly rounded on torch's CPU (test_adam_is_eager_up_to_eagers_sqrt: with that one op swapped
+for a correctly rounded one, torch.optim's own step and ours agree bit for bit); for Lion, a sign at an exact
+tie (none in these inputs).
+
+Tolerances: none for the fractions (ours <= torch fused's, both measured in the same run) but for
+PARAM_SLACK_ELEMENTS (below, with its reason). One intra-op thread (see one_thread).
 
 Run it as a script to print the table of fractions: python tests/test_eager_closeness.py
 """
@@ -19,9 +24,11 @@ Run it as a script to print the table of fractions: python tests/test_eager_clos
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,51 +126,104 @@ def _fraction_differing(x, eager):
     return int((~((x == eager) | (x.isnan() & eager.isnan()))).sum()) / eager.numel()
 
 
+def _contenders(case: str, schedule: str) -> dict:
+    """{name: (make(params) -> optimizer, the torch scheduler factory to attach or None)} for the eager oracle,
+    torch's fused kernel and fusedopt (which gets the same scheduler baked into a table)."""
+    torch_name, ours_name, options, overrides, steps = CASES[case]
+    factory = _one_cycle(torch_name, options, steps) if schedule == "one_cycle_table" else None
+    torch_cls = getattr(torch.optim, torch_name)
+    table = None if factory is None else schedules.from_lr_scheduler(factory, steps + 1)
+    return {
+        "eager": (lambda ps: torch_cls(_groups(ps, overrides), foreach=False, **options), factory),
+        "torch_fused": (lambda ps: torch_cls(_groups(ps, overrides), fused=True, **options), factory),
+        "fusedopt": (lambda ps: getattr(fusedopt, ours_name)(_groups(ps, overrides), backend="cpu", **options,
+                                                             schedule=table), None),
+    }
+
+
+def _run(make, factory, dtype: torch.dtype, steps: int):
+    """N steps of one optimizer from the common start with the common grads; returns _trajectory()."""
+    ps = [p.clone() for p in _params(dtype)]
+    opt = make(ps)
+    sched = factory(opt) if factory is not None else None
+    for grads in _grads(dtype, steps):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return _trajectory(opt, ps)
+
+
 def run_case(case: str, dtype: torch.dtype, schedule: str) -> dict:
     """Runs the eager oracle, torch fused and fusedopt; returns {name: (fraction of param elements, fraction
     of param and state elements) that differ bitwise from eager}."""
-    torch_name, ours_name, options, overrides, steps = CASES[case]
-    base = _params(dtype)
-    runs = {}
-    factory = _one_cycle(torch_name, options, steps) if schedule == "one_cycle_table" else None
-    contenders = {"eager": lambda ps: getattr(torch.optim, torch_name)(_groups(ps, overrides), foreach=False,
-                                                                       **options),
-                  "torch_fused": lambda ps: getattr(torch.optim, torch_name)(_groups(ps, overrides), fused=True,
-                                                                             **options),
-                  "fusedopt": lambda ps: getattr(fusedopt, ours_name)(
-                      _groups(ps, overrides), backend="cpu", **options,
-                      schedule=None if factory is None else schedules.from_lr_scheduler(factory, steps + 1))}
-    for name, make in contenders.items():
-        ps = [p.clone() for p in base]
-        opt = make(ps)
-        sched = factory(opt) if factory is not None and name != "fusedopt" else None
-        for grads in _grads(dtype, steps):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-            opt.step()
-            if sched is not None:
-                sched.step()
-        runs[name] = _trajectory(opt, ps)
+    steps = CASES[case][-1]
+    runs = {name: _run(make, factory, dtype, steps) for name, (make, factory) in _contenders(case, schedule).items()}
     eager = runs.pop("eager")
     return {name: tuple(_fraction_differing(x, e) for x, e in zip(xs, eager)) for name, xs in runs.items()}
+
+
+# Where eager Adam(W) and the fused kernels part ways (see test_adam_is_eager_up_to_eagers_sqrt), whether a
+# param's last bit still matches eager's after later steps is a coin flip for each fused kernel; measured
+# here, fusedopt and torch fused agree on the param fraction within one element either way. Two elements
+# (0.03% of the params) of slack on the params alone; none on params and states.
+PARAM_SLACK_ELEMENTS = 2
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("case", CASES)
 def test_at_least_as_close_to_eager_as_torch_fused(case, dtype, schedule):
-    """Measured over the params and the states (exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer). For
-    Adam(W) the params alone are dominated by one op neither fused kernel can follow: eager's
-    exp_avg_sq.sqrt() (torch's CPU sqrt returns a result one ulp away from the correctly rounded square root
-    for ~20% of float32 inputs and ~1.4% of float64 ones on this machine, also with
-    ATEN_CPU_CAPABILITY=default), which both fused kernels compute correctly rounded. Where that happens the
-    param update differs from eager by an ulp in both, so their param fractions agree to a few elements
-    (0.01-0.03%), either way; the states are where the kernels' own roundings show."""
+    """Measured over the params and the states (exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer): ours
+    differs from eager in no more elements than torch fused. SGD (every option): bit for bit eager, params
+    and momentum buffers (where torch's CPU kernels fuse add(alpha=), i.e. with AVX2 or AVX-512). Adam(W):
+    the params alone are dominated by one op neither fused kernel follows, eager's sqrt (see
+    test_adam_is_eager_up_to_eagers_sqrt), so there the param fraction may exceed torch fused's by
+    PARAM_SLACK_ELEMENTS; the states are where the kernels' own roundings show."""
     fractions = run_case(case, dtype, schedule)
     (ours_params, ours), (fused_params, fused) = fractions["fusedopt"], fractions["torch_fused"]
-    assert ours <= fused, (f"{case} {dtype} {schedule}: {ours:.4%} of the param and state elements differ from "
-                           f"eager, torch fused: {fused:.4%} (params alone: {ours_params:.4%} vs "
-                           f"{fused_params:.4%})")
+    what = (f"{case} {dtype} {schedule}: fusedopt differs from eager in {ours:.4%} of the param and state "
+            f"elements ({ours_params:.4%} of the params), torch fused in {fused:.4%} ({fused_params:.4%})")
+    assert ours <= fused, what
+    assert ours_params <= fused_params + PARAM_SLACK_ELEMENTS / sum(math.prod(s) for s in SHAPES), what
+    if CASES[case][0] == "SGD" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert ours == 0, what
+
+
+def _correctly_rounded_sqrt(self):
+    """Tensor.sqrt correctly rounded (numpy's sqrt is IEEE's, per element), same dtype and shape."""
+    return torch.from_numpy(np.asarray(np.sqrt(self.detach().cpu().numpy()))).reshape(self.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] != "SGD"])
+def test_adam_is_eager_up_to_eagers_sqrt(case, dtype, monkeypatch):
+    """What remains between fusedopt's Adam(W) and eager: torch's CPU sqrt (MKL's vectorized sqrt here) is
+    one ulp away from the correctly rounded square root for ~20% of float32 and ~1.4% of float64 inputs; the
+    fused kernels (ours and torch's) take the correctly rounded one. Run torch.optim's own single-tensor step
+    with Tensor.sqrt swapped for a correctly rounded one (the only change; bias_correction2 ** 0.5 is Python's)
+    under the OneCycleLR table: then fusedopt is bit for bit that run, params and states. And without the
+    swap eager differs, so the swap is what closes the gap (and it was called)."""
+    make_eager, factory = _contenders(case, "one_cycle_table")["eager"]
+    make_ours, _ = _contenders(case, "one_cycle_table")["fusedopt"]
+    steps = CASES[case][-1]
+    _, ours = _run(make_ours, None, dtype, steps)
+    _, eager = _run(make_eager, factory, dtype, steps)
+    calls = []
+
+    def sqrt(self):
+        calls.append(1)
+        return _correctly_rounded_sqrt(self)
+
+    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)
+    _, eager_exact_sqrt = _run(make_eager, factory, dtype, steps)
+    monkeypatch.undo()
+    assert len(calls) == steps * len(SHAPES), "eager's step did not call Tensor.sqrt once per param and step"
+    differ = int((ours != eager_exact_sqrt).sum())
+    assert differ == 0, f"{case} {dtype}: {differ} of {ours.numel()} elements differ from eager with a correctly " \
+                        f"rounded sqrt"
+    assert not torch.equal(ours, eager)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
