@@ -284,7 +284,7 @@ def rms_error(tensors, reference):
 FULL = [torch.float32, torch.float64]
 
 
-@pytest.mark.parametrize("dtype", FULL, ids=str)
+@pytest.mark.parametrize("dtype", FULL)
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parity_full_precision(ops, name, dtype):
     rule, hp, gkw = variant(name)
@@ -306,7 +306,7 @@ def test_parity_full_precision(ops, name, dtype):
         assert [int(s) for s in g.steps] == [STEPS] * len(specs)
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parity_low_precision(ops, name, dtype):
     """bf16 / fp16 params and states: error against float64 torch.optim within 1.25x of torch's own error,
@@ -334,7 +334,7 @@ def test_parity_low_precision(ops, name, dtype):
     assert compared >= 1
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-momentum-dampening-wd", "lion"])
 def test_parity_master_weights(ops, name, dtype):
     """bf16 / fp16 params with float32 master params and states follow torch.optim run in float32 on the
@@ -357,7 +357,7 @@ def test_parity_master_weights(ops, name, dtype):
         assert torch.equal(p, m.to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-nesterov-maximize", "lion"])
 def test_matches_cpu_backend(ops, name, dtype):
     """A few steps of the CUDA op against the CPU op on the same data, with grad_scale, clip_coef and a table

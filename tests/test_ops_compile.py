@@ -170,10 +170,13 @@ def test_a_table_of_several_entries_needs_a_counter():
 
 @pytest.mark.parametrize("op", ["adamw_", "sgd_", "lion_"])
 @pytest.mark.parametrize("bad,match", [
-    (torch.ones(4, dtype=torch.float32), "weight_decay_table must be float64, got Float"),
-    (torch.ones(2, 2, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[2, 2\]"),
-    (torch.ones(0, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[0\]"),
-    (torch.ones(8, dtype=F64)[::2], "weight_decay_table must be contiguous"),
+    pytest.param(torch.ones(4, dtype=torch.float32), "weight_decay_table must be float64, got Float",
+                 id="float32"),
+    pytest.param(torch.ones(2, 2, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[2, 2\]",
+                 id="2d"),
+    pytest.param(torch.ones(0, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[0\]",
+                 id="empty"),
+    pytest.param(torch.ones(8, dtype=F64)[::2], "weight_decay_table must be contiguous", id="strided"),
 ])
 def test_bad_weight_decay_table_is_rejected_before_anything_changes(op, bad, match):
     args = {"adamw_": adamw_args, "sgd_": sgd_args, "lion_": lion_args}[op](wd_table="stepped")

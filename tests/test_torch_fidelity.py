@@ -206,8 +206,10 @@ def test_one_cycle_tensor_momentum_on_adamw():
     _run_with_scheduler("adamw", make, 20)
 
 
-@pytest.mark.parametrize("betas", [(torch.tensor(0.9), torch.tensor(0.99)),
-                                   (torch.tensor([[[0.9]]]), torch.tensor([[0.99]]))])
+@pytest.mark.parametrize("betas", [
+    pytest.param((torch.tensor(0.9), torch.tensor(0.99)), id="0d_tensors"),
+    pytest.param((torch.tensor([[[0.9]]]), torch.tensor([[0.99]])), id="one_element_tensors"),
+])
 def test_tensor_betas_at_construction(betas):
     m_ours, m_ref = _model(), _model()
     ours = FusedAdamW(m_ours.parameters(), lr=1e-2, betas=betas)
