@@ -390,8 +390,13 @@ class Tree:
 # ------------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------------
-def short(nodeid: str) -> str:
-    return nodeid.removeprefix("tests/")
+def short(nodeids: Sequence[str]) -> str:
+    """The failing tests, grouped by test function: file::function[id | id]."""
+    groups: Dict[str, List[str]] = {}
+    for nodeid in sorted(nodeids):
+        base, _, params = nodeid.removeprefix("tests/").partition("[")
+        groups.setdefault(base, []).append(params.rstrip("]"))
+    return ", ".join(base + (f"[{' | '.join(p)}]" if any(p) else "") for base, p in groups.items())
 
 
 def check_patterns(chosen: Sequence[Mutant], tree: str) -> int:
@@ -501,7 +506,7 @@ def main(argv=None) -> int:
                     rows.append((mu.name, d, b, "NOT RUN (error)"))
                     continue
                 caught = sorted(f for f in failed if (d == "-" or dtype_of(f) == d) and (b == "-" or backend_of(f) == b))
-                rows.append((mu.name, d, b, ", ".join(short(c) for c in caught) if caught else "SURVIVED"))
+                rows.append((mu.name, d, b, short(caught) if caught else "SURVIVED"))
             print(f"{mu.name}: {len(selections[mu.name])} tests, {0 if failed is None else len(failed)} failed "
                   f"({'build %.0f s, ' % build_s if mu.needs_build else ''}{time.time() - t0:.0f} s)", flush=True)
 
