@@ -407,7 +407,7 @@ def test_accessors_do_not_alias_live_tensors(cls):
 # ----------------------------------------------------------------------------------------------------------
 # FusedLion with a tensor lr (torch.compile's idiom), against lion-pytorch given the same tensor
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True], ids=["weight_decay_times_lr", "decoupled_weight_decay"])
 def test_lion_tensor_lr_matches_lion_pytorch(decoupled):
     """lion-pytorch takes a tensor lr (its update multiplies by it); so does FusedLion, read on the device as a
     one-entry table, with lion-pytorch's initial lr (the divisor of a decoupled weight decay) read once at
