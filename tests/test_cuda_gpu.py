@@ -444,7 +444,7 @@ def test_no_host_sync(ops):
 # ------------------------------------------------------------------------------------------------------------
 # CUDA graphs
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-master"])
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=["float32", "bfloat16-master"])
 @pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-nesterov-maximize", "lion"])
 def test_cuda_graph_capture_and_replay(ops, name, dtype, master):
     """One op call captured in a CUDA graph and replayed 60 times, with new grads copied into the captured
@@ -545,7 +545,7 @@ def need_memory(nbytes):
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
-def test_huge_bf16_tensor_every_element(ops, offset):
+def test_huge_bfloat16_tensor_every_element(ops, offset):
     """2^31 + 4099 bf16 elements (int64 offsets): SGD from p = 0 with grad -1 and lr 0.25 (from a table)
     sets every element to exactly 0.25, also those past 2^31, on the vectorized and on the scalar path."""
     need_memory(2 * (HUGE + 8) * 2)
@@ -562,7 +562,7 @@ def test_huge_bf16_tensor_every_element(ops, offset):
     torch.cuda.empty_cache()
 
 
-def test_huge_bf16_tensor_adamw_values(ops):
+def test_huge_bfloat16_tensor_adamw_values(ops):
     """AdamW on 2^31 + 4099 random bf16 elements: slices at the start, around element 2^31 and at the end
     agree with the CPU op run on just those slices (one bf16 ulp for FMA rounding-boundary cases)."""
     need_memory(4 * (HUGE + 8) * 2)
