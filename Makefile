@@ -6,7 +6,7 @@
 #   make mutants    plant a fixed list of realistic bugs (rules.h, the Triton kernels, schedules, the optimizer
 #                   base) one at a time in a scratch copy, rebuild, run the tests that own each claim, print
 #                   mutant x dtype x backend -> the tests that caught it / SURVIVED; non-zero exit on a survivor
-#                   (tools/mutants.py; ~40 min on 2 cores, not part of make test). MUTANTS_ARGS="adamw_no_eps"
+#                   (tools/mutants.py; ~75 min on 2 shared cores, not part of make test). MUTANTS_ARGS="adamw_no_eps"
 #                   runs only the named ones; the table also goes to $(MUTANTS_OUT)
 #   make gpu-check  on a machine with a CUDA GPU, in under 8 minutes: build for that GPU against the installed
 #                   torch (no venv), pytest -m gpu, compute-sanitizer, the GPU benchmark headline; results in

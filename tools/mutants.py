@@ -30,8 +30,10 @@ neg_step_size") rather than one exact spelling, so that the same mutant applies 
 (plain operators or explicit fma calls). The first alternative that matches exactly once in the scope is used;
 if none does, the mutant fails loudly ("pattern not found") instead of being skipped.
 
-Runtime on the shared 2-core machine: ~40 min for the whole list (most of it the CPU rebuilds and the
-interpreted Triton tests); everything runs under `nice`. Not part of `make test`.
+Runtime: ~75 min for the whole list on the shared 2-core machine under load (the baseline run of the ~160
+owner tests ~18 min, each rules.h mutant 5-14 min: the rebuild, 0.5-6 min, plus the 300-step parity tests; each
+Triton or Python mutant ~1 min); everything runs under `nice`. Not part of `make test`. The recorded table:
+benchmarks/results/mutants.txt.
 """
 
 from __future__ import annotations
