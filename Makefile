@@ -3,6 +3,11 @@
 #               FusedAdamW + warmup_cosine beside torch.optim.AdamW + LambdaLR
 #   make test   the same set-up, then the whole test suite (what CI runs, through .ci/run)
 # Other targets: make build (recompile the extension), make bench (CPU benchmark), make clean.
+#   make mutants    plant a fixed list of realistic bugs (rules.h, the Triton kernels, schedules, the optimizer
+#                   base) one at a time in a scratch copy, rebuild, run the tests that own each claim, print
+#                   mutant x dtype x backend -> the tests that caught it / SURVIVED; non-zero exit on a survivor
+#                   (tools/mutants.py; ~75 min on 2 shared cores, not part of make test). MUTANTS_ARGS="adamw_no_eps"
+#                   runs only the named ones; the table also goes to $(MUTANTS_OUT)
 #   make gpu-check  on a machine with a CUDA GPU, in under 8 minutes: build for that GPU against the installed
 #                   torch (no venv), pytest -m gpu, compute-sanitizer, the GPU benchmark headline; results in
 #                   benchmarks/results/<date>-<gpu>/ (tools/gpu_check.py; without a GPU: one line, exit 2);
@@ -21,7 +26,7 @@ export MAX_JOBS
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test build bench clean venv gpu-check
+.PHONY: demo test build bench clean venv gpu-check mutants
 
 venv: $(VENV)/.deps
 $(VENV)/.deps:
@@ -56,6 +61,10 @@ test: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PY) -m fusedopt.bench --quick
+
+MUTANTS_OUT ?= benchmarks/results/mutants.txt
+mutants: $(VENV)/.built
+	$(PY) tools/mutants.py --python $(PY) --out $(MUTANTS_OUT) $(MUTANTS_ARGS)
 
 gpu-check:
 	$(PYTHON) tools/gpu_check.py --python $(PYTHON) --jobs $$(nproc) $(GPU_CHECK_ARGS)

@@ -12,6 +12,8 @@ skipping. FUSEDOPT_TESTS_ALLOW_MISSING (comma list of cpu, cuda, triton, lion) t
 skips, for a developer who knowingly runs without them; `make gpu-check` prints the skips it saw.
 """
 
+import inspect
+import linecache
 import os
 import sys
 
@@ -30,7 +32,57 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
 GPU_SKIP_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False)"
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Readable ids for the values pytest cannot name itself, so `-k bfloat16` / `-k FusedLion` select what
+    they say: a dtype by its name (float32, bfloat16, ...), a class or function by its __name__, a device by
+    its string, a lambda by the source text of its body (`S.one_cycle(0)`), a dict of keyword arguments as
+    k=v,k=v ("defaults" when empty). Anything else falls back to pytest's own id (and auto_generated_ids()
+    below rejects a numbered one such as `kw0`, and `<lambda>`)."""
+    if isinstance(val, dict) and all(isinstance(k, str) for k in val):
+        return ",".join(f"{k}={v.__name__ if isinstance(v, type) else v}" for k, v in val.items()) or "defaults"
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    if isinstance(val, torch.device):
+        return str(val)
+    if inspect.isfunction(val) and val.__name__ == "<lambda>":
+        return _lambda_body(val)
+    if isinstance(val, type) or inspect.isroutine(val):
+        return val.__name__
+    return None
+
+
+def _lambda_body(fn):
+    """The source text of a one-line lambda's body, from the column span of its bytecode (several lambdas on
+    one line each get their own), or None."""
+    spans = [pos for pos in fn.__code__.co_positions() if None not in pos and pos[3] > pos[2]]
+    if not spans or len({pos[0] for pos in spans} | {pos[1] for pos in spans}) != 1:
+        return None
+    line = linecache.getline(fn.__code__.co_filename, spans[0][0]).encode()
+    return line[min(pos[2] for pos in spans):max(pos[3] for pos in spans)].decode().strip() or None
+
+
+def auto_generated_ids(items) -> list:
+    """The test ids in which pytest numbered a parameter it could not name (`dtype0`, `options1`, `cls2`): a
+    part of the id that is an argument name followed by digits, or `<lambda>`. Such ids say nothing and change when a case is
+    added; give the parametrization `ids=` (or a value pytest_make_parametrize_id names)."""
+    bad = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None:
+            continue
+        parts = set(callspec.id.split("-"))
+        if "<lambda>" in callspec.id or any(part[len(name):].isdigit() for name in callspec.params for part in parts if part.startswith(name)):
+            bad.append(item.nodeid)
+    return bad
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k / -m deselect anything: every collected id is checked
 def pytest_collection_modifyitems(config, items):
+    bad = auto_generated_ids(items)
+    if bad:
+        shown = "\n  ".join(bad)
+        raise pytest.UsageError(f"{len(bad)} test ids with a numbered parameter instead of a readable name "
+                                f"(tests/conftest.py auto_generated_ids; pass ids=):\n  {shown}")
     if HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason=GPU_SKIP_REASON)

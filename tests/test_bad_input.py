@@ -395,11 +395,11 @@ def test_grad_on_other_device(name):
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", OPTS)
 @pytest.mark.parametrize("attr,value", [
-    ("grad_scale", torch.tensor(2)),
-    ("grad_scale", torch.tensor([2.0, 2.0])),
-    ("grad_scale", 2.0),
-    ("found_inf", torch.tensor(0)),
-    ("found_inf", torch.tensor([0.0, 0.0])),
+    pytest.param("grad_scale", torch.tensor(2), id="grad_scale-int64_tensor"),
+    pytest.param("grad_scale", torch.tensor([2.0, 2.0]), id="grad_scale-two_elements"),
+    pytest.param("grad_scale", 2.0, id="grad_scale-python_float"),
+    pytest.param("found_inf", torch.tensor(0), id="found_inf-int64_tensor"),
+    pytest.param("found_inf", torch.tensor([0.0, 0.0]), id="found_inf-two_elements"),
 ])
 def test_bad_amp_tensors(name, attr, value):
     opt = trained(name)
@@ -448,12 +448,12 @@ def test_master_weights_must_be_bool(value):
 # schedule tables
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("values,match", [
-    ([], "lr factor table is empty"),
-    (torch.zeros(0), "lr factor table is empty"),
-    ([1.0, NAN], "lr factor entry 1 is nan; every entry must be finite"),
-    ([1.0, 0.5, INF], "lr factor entry 2 is inf; every entry must be finite"),
-    ([-INF], "lr factor entry 0 is -inf; every entry must be finite"),
-    ([1.0, -0.5], "lr factor entry 1 is -0.5; entries must be >= 0"),
+    pytest.param([], "lr factor table is empty", id="empty_list"),
+    pytest.param(torch.zeros(0), "lr factor table is empty", id="empty_tensor"),
+    pytest.param([1.0, NAN], "lr factor entry 1 is nan; every entry must be finite", id="nan"),
+    pytest.param([1.0, 0.5, INF], "lr factor entry 2 is inf; every entry must be finite", id="inf"),
+    pytest.param([-INF], "lr factor entry 0 is -inf; every entry must be finite", id="minus_inf"),
+    pytest.param([1.0, -0.5], "lr factor entry 1 is -0.5; entries must be >= 0", id="negative"),
 ])
 def test_bad_lr_table(values, match):
     with pytest.raises(ValueError, match=match):
@@ -461,10 +461,10 @@ def test_bad_lr_table(values, match):
 
 
 @pytest.mark.parametrize("momentum,match", [
-    ([0.9, NAN], "momentum entry 1 is nan"),
-    ([-0.1, 0.9], "momentum entry 0 is -0.1; entries must be >= 0"),
-    ([0.9], "momentum table has 1 entries but the lr table has 2"),
-    ([], "momentum table is empty"),
+    pytest.param([0.9, NAN], "momentum entry 1 is nan", id="nan"),
+    pytest.param([-0.1, 0.9], "momentum entry 0 is -0.1; entries must be >= 0", id="negative"),
+    pytest.param([0.9], "momentum table has 1 entries but the lr table has 2", id="length_mismatch"),
+    pytest.param([], "momentum table is empty", id="empty"),
 ])
 def test_bad_momentum_table(momentum, match):
     with pytest.raises(ValueError, match=match):

@@ -284,7 +284,7 @@ def rms_error(tensors, reference):
 FULL = [torch.float32, torch.float64]
 
 
-@pytest.mark.parametrize("dtype", FULL, ids=str)
+@pytest.mark.parametrize("dtype", FULL)
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parity_full_precision(ops, name, dtype):
     rule, hp, gkw = variant(name)
@@ -306,7 +306,7 @@ def test_parity_full_precision(ops, name, dtype):
         assert [int(s) for s in g.steps] == [STEPS] * len(specs)
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parity_low_precision(ops, name, dtype):
     """bf16 / fp16 params and states: error against float64 torch.optim within 1.25x of torch's own error,
@@ -334,7 +334,7 @@ def test_parity_low_precision(ops, name, dtype):
     assert compared >= 1
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-momentum-dampening-wd", "lion"])
 def test_parity_master_weights(ops, name, dtype):
     """bf16 / fp16 params with float32 master params and states follow torch.optim run in float32 on the
@@ -357,7 +357,7 @@ def test_parity_master_weights(ops, name, dtype):
         assert torch.equal(p, m.to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-nesterov-maximize", "lion"])
 def test_matches_cpu_backend(ops, name, dtype):
     """A few steps of the CUDA op against the CPU op on the same data, with grad_scale, clip_coef and a table
@@ -444,7 +444,7 @@ def test_no_host_sync(ops):
 # ------------------------------------------------------------------------------------------------------------
 # CUDA graphs
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-master"])
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=["float32", "bfloat16-master"])
 @pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-nesterov-maximize", "lion"])
 def test_cuda_graph_capture_and_replay(ops, name, dtype, master):
     """One op call captured in a CUDA graph and replayed 60 times, with new grads copied into the captured
@@ -545,7 +545,7 @@ def need_memory(nbytes):
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
-def test_huge_bf16_tensor_every_element(ops, offset):
+def test_huge_bfloat16_tensor_every_element(ops, offset):
     """2^31 + 4099 bf16 elements (int64 offsets): SGD from p = 0 with grad -1 and lr 0.25 (from a table)
     sets every element to exactly 0.25, also those past 2^31, on the vectorized and on the scalar path."""
     need_memory(2 * (HUGE + 8) * 2)
@@ -562,7 +562,7 @@ def test_huge_bf16_tensor_every_element(ops, offset):
     torch.cuda.empty_cache()
 
 
-def test_huge_bf16_tensor_adamw_values(ops):
+def test_huge_bfloat16_tensor_adamw_values(ops):
     """AdamW on 2^31 + 4099 random bf16 elements: slices at the start, around element 2^31 and at the end
     agree with the CPU op run on just those slices (one bf16 ulp for FMA rounding-boundary cases)."""
     need_memory(4 * (HUGE + 8) * 2)

@@ -409,7 +409,7 @@ def test_plan_rejects_bad_limits(sim):
 # ------------------------------------------------------------------------------------------------------------
 # Bit-for-bit agreement with the CPU backend
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_matches_cpu_backend(sim, cpu_ops, name, dtype):
     rule, hp, gkw = variant(name)
@@ -528,7 +528,7 @@ def test_found_inf_skips_everything(sim, cpu_ops, name):
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd-nesterov-maximize", "lion"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_grad_scale_and_clip_coef(sim, cpu_ops, name, dtype):
     rule, hp, gkw = variant(name)
     specs = standard_specs()
@@ -559,7 +559,7 @@ def test_without_tables(sim, cpu_ops, name):
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam-l2-amsgrad-maximize", "sgd-momentum-dampening-wd", "lion"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weight_decay_table(sim, cpu_ops, name, dtype):
     """weight_decay_table: absolute weight decays read at the schedule step like lr_table (past its end the
     last entry holds; entry 0 is 0, which skips the decay), replacing the weight_decay argument: bitwise
@@ -711,7 +711,7 @@ def test_float64_matches_torch(sim, name):
 # bodies step by step against a float64 oracle fed each step's inputs.
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-momentum-dampening-wd", "lion"])
 def test_master_weights_match_float32_torch(sim, name, dtype):
     """bf16 / fp16 params with float32 master params and states: the master copy follows torch.optim run in

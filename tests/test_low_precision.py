@@ -365,7 +365,7 @@ def run_and_check(rule, config, dtype, backend, master):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("master", [False, True], ids=["no_master", "master"])
-@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("rule,config", CASES)
 def test_each_step_is_the_float64_oracle_rounded(rule, config, dtype, master, backend):
     if backend == "cuda_host" and rule not in HOST_RULES:

@@ -82,13 +82,13 @@ ADAMW_CASES = {
     "amsgrad_maximize_past_end": dict(amsgrad=True, maximize=True, table=True, step=100),
     "tables_scale_clip": dict(table=True, momentum_table=True, grad_scale=True, found_inf=0, clip=True),
     "found_inf_skips": dict(grad_scale=True, found_inf=1, amsgrad=True),
-    "bf16_master": dict(dtype=torch.bfloat16, master=True, table=True, momentum_table=True, grad_scale=True,
+    "bfloat16_master": dict(dtype=torch.bfloat16, master=True, table=True, momentum_table=True, grad_scale=True,
                         found_inf=0, clip=True),
-    "fp16_no_master": dict(dtype=torch.float16, clip=True),
+    "float16_no_master": dict(dtype=torch.float16, clip=True),
     "tensor_lr": dict(tensor_lr=True, grad_scale=True, found_inf=0),
     "wd_table": dict(wd_table="stepped", table=True, amsgrad=True),
     "adam_l2": dict(decoupled=False, maximize=True),
-    "adam_l2_wd_table_bf16_master": dict(decoupled=False, wd_table="stepped", dtype=torch.bfloat16, master=True,
+    "adam_l2_wd_table_bfloat16_master": dict(decoupled=False, wd_table="stepped", dtype=torch.bfloat16, master=True,
                                          grad_scale=True, found_inf=0),
     "one_entry_wd_table": dict(wd_table="one_entry", decoupled=False),
 }
@@ -119,7 +119,7 @@ SGD_CASES = {
     "nesterov_maximize": dict(nesterov=True, maximize=True),
     "tables_scale_clip": dict(table=True, momentum_table=True, grad_scale=True, found_inf=0, clip=True),
     "found_inf_skips": dict(found_inf=1, grad_scale=True),
-    "fp16_master": dict(dtype=torch.float16, master=True, table=True, clip=True),
+    "float16_master": dict(dtype=torch.float16, master=True, table=True, clip=True),
     "float64": dict(dtype=F64, nesterov=True, table=True),
     "tensor_lr": dict(tensor_lr=True, nesterov=True),
     "wd_table": dict(wd_table="stepped", momentum_table=True),
@@ -148,10 +148,10 @@ LION_CASES = {
     "plain": dict(),
     "tables_scale_clip": dict(table=True, momentum_table=True, grad_scale=True, found_inf=0, clip=True),
     "found_inf_skips": dict(found_inf=1),
-    "bf16_master": dict(dtype=torch.bfloat16, master=True, table=True, grad_scale=True),
+    "bfloat16_master": dict(dtype=torch.bfloat16, master=True, table=True, grad_scale=True),
     "tensor_lr": dict(tensor_lr=True, clip=True),
     "wd_table": dict(wd_table="stepped", table=True, clip=True),
-    "one_entry_wd_table_fp16_master": dict(wd_table="one_entry", dtype=torch.float16, master=True),
+    "one_entry_wd_table_float16_master": dict(wd_table="one_entry", dtype=torch.float16, master=True),
 }
 
 
@@ -170,10 +170,13 @@ def test_a_table_of_several_entries_needs_a_counter():
 
 @pytest.mark.parametrize("op", ["adamw_", "sgd_", "lion_"])
 @pytest.mark.parametrize("bad,match", [
-    (torch.ones(4, dtype=torch.float32), "weight_decay_table must be float64, got Float"),
-    (torch.ones(2, 2, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[2, 2\]"),
-    (torch.ones(0, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[0\]"),
-    (torch.ones(8, dtype=F64)[::2], "weight_decay_table must be contiguous"),
+    pytest.param(torch.ones(4, dtype=torch.float32), "weight_decay_table must be float64, got Float",
+                 id="float32"),
+    pytest.param(torch.ones(2, 2, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[2, 2\]",
+                 id="2d"),
+    pytest.param(torch.ones(0, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[0\]",
+                 id="empty"),
+    pytest.param(torch.ones(8, dtype=F64)[::2], "weight_decay_table must be contiguous", id="strided"),
 ])
 def test_bad_weight_decay_table_is_rejected_before_anything_changes(op, bad, match):
     args = {"adamw_": adamw_args, "sgd_": sgd_args, "lion_": lion_args}[op](wd_table="stepped")

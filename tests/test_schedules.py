@@ -312,7 +312,7 @@ def test_from_lr_scheduler_per_group_lambdas():
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-@pytest.mark.parametrize("three_phase", [False, True])
+@pytest.mark.parametrize("three_phase", [False, True], ids=["two_phase", "three_phase"])
 def test_from_lr_scheduler_one_cycle_momentum(kind, three_phase):
     n = 60
     factory = lambda o: L.OneCycleLR(o, max_lr=[0.5, 0.01, 2.0], total_steps=n, three_phase=three_phase)  # noqa: E731

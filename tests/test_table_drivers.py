@@ -197,13 +197,18 @@ def test_a_run_of_total_steps_reads_the_whole_table_and_no_more(name):
 # 5. messages that say what to do
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule,expect", [
-    (schedules.warmup_cosine, r"the builder function fusedopt.schedules.warmup_cosine itself: call it"),
-    ("warmup_cosine", r"the string 'warmup_cosine'.*fusedopt.schedules.warmup_cosine\(...\)"),
-    ("cosine", r"the string 'cosine': build a table with one of the builders"),
-    (L.StepLR, r"a torch LR scheduler \(StepLR\): to drive the lr with a torch LR scheduler, keep schedule=None"),
-    (lambda opt: L.LambdaLR(opt, lambda t: 1.0), r"a callable .*keep schedule=None and attach.*from_lr_scheduler"),
-    ([1.0, 0.5], r"a list: wrap per-step lr factors in a table"),
-    (3, r"int; build one with fusedopt.schedules"),
+    pytest.param(schedules.warmup_cosine, r"the builder function fusedopt.schedules.warmup_cosine itself: call it",
+                 id="builder_function"),
+    pytest.param("warmup_cosine", r"the string 'warmup_cosine'.*fusedopt.schedules.warmup_cosine\(...\)",
+                 id="string_warmup_cosine"),
+    pytest.param("cosine", r"the string 'cosine': build a table with one of the builders", id="string_cosine"),
+    pytest.param(L.StepLR,
+                 r"a torch LR scheduler \(StepLR\): to drive the lr with a torch LR scheduler, keep schedule=None",
+                 id="torch_scheduler_class"),
+    pytest.param(lambda opt: L.LambdaLR(opt, lambda t: 1.0),
+                 r"a callable .*keep schedule=None and attach.*from_lr_scheduler", id="lambda"),
+    pytest.param([1.0, 0.5], r"a list: wrap per-step lr factors in a table", id="list"),
+    pytest.param(3, r"int; build one with fusedopt.schedules", id="int"),
 ])
 def test_schedule_hints(schedule, expect):
     with pytest.raises(TypeError, match="schedule must be a fusedopt.schedules.ScheduleTable or None") as info:

@@ -207,8 +207,10 @@ def test_one_cycle_tensor_momentum_on_adamw():
     _run_with_scheduler("adamw", make, 20)
 
 
-@pytest.mark.parametrize("betas", [(torch.tensor(0.9), torch.tensor(0.99)),
-                                   (torch.tensor([[[0.9]]]), torch.tensor([[0.99]]))])
+@pytest.mark.parametrize("betas", [
+    pytest.param((torch.tensor(0.9), torch.tensor(0.99)), id="0d_tensors"),
+    pytest.param((torch.tensor([[[0.9]]]), torch.tensor([[0.99]])), id="one_element_tensors"),
+])
 def test_tensor_betas_at_construction(betas):
     m_ours, m_ref = _model(), _model()
     ours = FusedAdamW(m_ours.parameters(), lr=1e-2, betas=betas)
@@ -406,7 +408,7 @@ def test_accessors_do_not_alias_live_tensors(cls):
 # ----------------------------------------------------------------------------------------------------------
 # FusedLion with a tensor lr (torch.compile's idiom), against lion-pytorch given the same tensor
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True], ids=["weight_decay_times_lr", "decoupled_weight_decay"])
 def test_lion_tensor_lr_matches_lion_pytorch(decoupled):
     """lion-pytorch takes a tensor lr (its update multiplies by it); so does FusedLion, read on the device as a
     one-entry table, with lion-pytorch's initial lr (the divisor of a decoupled weight decay) read once at
