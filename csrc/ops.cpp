@@ -7,12 +7,18 @@
 //   lr_table, *_table       float64 per-step tables on the params' device (absolute values); read at
 //                           *schedule_step (completed steps), the last entry holding past the end; a
 //                           one-entry table (a tensor lr) needs no schedule_step
+//   weight_decay_table      (last but one / last argument, default None) a float64 table of absolute weight
+//                           decay values read like lr_table; when given it replaces `weight_decay`
 //   grad_scale              AMP loss scale (float32, 1 element): grads are multiplied by 1/grad_scale
 //   found_inf               float32, 1 element: when nonzero the whole call is a no-op (params, states and
 //                           step counts unchanged), which is how GradScaler skips a step
 //   clip_coef               float32, 1 element: grads are multiplied by it (global-norm clipping)
 //   master_params           empty, or float32 copies of bf16/fp16 params that the update is applied to;
 //                           the params then receive the rounded result
+// adamw_ only:
+//   decoupled_weight_decay  true (default): torch.optim.AdamW, p *= 1 - lr * wd; false: torch.optim.Adam's L2
+//                           decay, g = g + wd * p after maximize's negation, no decoupled decay
+// The trailing arguments have defaults, so calls written for the older schemas keep working.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -38,14 +44,15 @@ TORCH_LIBRARY(fusedopt, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? lr_table, "
       "Tensor? beta1_table, Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor? clip_coef) -> ()");
+      "Tensor? clip_coef, Tensor? weight_decay_table=None, bool decoupled_weight_decay=True) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool first_step, Tensor? lr_table, Tensor? momentum_table, Tensor? schedule_step, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, Tensor? weight_decay_table=None) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] master_params, "
       "float lr, float beta1, float beta2, float weight_decay, Tensor? lr_table, Tensor? beta1_table, "
-      "Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+      "Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, "
+      "Tensor? weight_decay_table=None) -> ()");
 }

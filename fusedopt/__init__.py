@@ -9,7 +9,9 @@ from fusedopt import _ops  # noqa: F401  (loads the compiled ops and their fake 
 from fusedopt import schedules
 from fusedopt.backends import BackendUnavailable
 from fusedopt.optim import FusedAdamW, FusedLion, FusedSGD
+from fusedopt.optim.decay_groups import param_groups
 from fusedopt.lr_finder import find_lr
 from fusedopt.table_scheduler import TableScheduler
 
-__all__ = ["FusedAdamW", "FusedSGD", "FusedLion", "TableScheduler", "find_lr", "schedules", "BackendUnavailable", "__version__"]
+__all__ = ["FusedAdamW", "FusedSGD", "FusedLion", "TableScheduler", "find_lr", "param_groups", "schedules",
+           "BackendUnavailable", "__version__"]

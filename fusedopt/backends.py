@@ -107,7 +107,10 @@ def resolve(name: str, device: torch.device) -> Backend:
     if name == "cpu" and device.type != "cpu":
         raise BackendUnavailable(f"backend='cpu' runs on CPU tensors, but the params are on {device}")
     if name == "cuda" and device.type != "cuda":
-        raise BackendUnavailable(f"backend='cuda' runs on CUDA tensors, but the params are on {device}")
+        raise BackendUnavailable(
+            f"backend='cuda' runs on CUDA tensors, but the params are on {device}: move the model to the GPU "
+            f"before building the optimizer (model.cuda(), then the optimizer), or use backend='auto', which picks "
+            f"the kernels for wherever the params are")
     if name == "triton" and device.type == "cpu" and not triton_interpreted():
         raise BackendUnavailable(
             "backend='triton' runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 (the Triton "

@@ -260,9 +260,10 @@ def find_lr(model: torch.nn.Module, loss_fn: Callable, batches: Iterable, optimi
     opt_state = copy.deepcopy(optimizer.state_dict()) if restore else None
     on_device = getattr(optimizer, "schedule", None) is schedule
     for group in optimizer.param_groups:
-        group["lr"] = start_lr
         if on_device:
-            group["initial_lr"] = start_lr  # the base the table's factors multiply
+            group["initial_lr"] = start_lr  # the base the table's factors multiply (the table then shows "lr")
+        else:
+            group["lr"] = start_lr
 
     lrs: List[float] = []
     losses: List[float] = []

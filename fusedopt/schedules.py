@@ -3,8 +3,18 @@
 A :class:`ScheduleTable` holds, for steps ``0 .. len-1``, a float64 **lr factor** that multiplies each param
 group's ``lr`` (so layer-wise learning rates share one shape; for :func:`one_cycle` the group's ``lr`` is the
 peak, like OneCycleLR's ``max_lr``) and optionally an absolute **momentum** value that replaces the group's
-SGD ``momentum`` / Adam and Lion ``betas[0]`` (as OneCycleLR does). Step ``t`` (the number of completed
-optimizer steps) reads entry ``t``; past the end the last entry holds.
+SGD ``momentum`` / Adam and Lion ``betas[0]`` (as OneCycleLR does), and optionally a **weight-decay factor**
+that multiplies each group's weight decay (:func:`with_weight_decay`: DINO's weight decay rising from 0.04 to
+0.4 beside the lr). Step ``t`` (the number of completed optimizer steps) reads entry ``t``; past the end the last
+entry holds (the optimizer warns once, naming the held lr).
+
+**Length rule.** A builder that takes ``total_steps`` returns exactly ``total_steps`` entries: one per optimizer
+step of a ``total_steps``-step run, entry ``t`` being the value the mirrored torch scheduler (or Hugging Face
+schedule) gives step ``t``. A run of ``total_steps`` steps never reads past the end; size the table with the
+number of optimizer steps you run (``len(loader) * epochs``, divided by gradient-accumulation steps). Builders
+without ``total_steps`` describe a schedule that ends on a value held forever and end with that value:
+``linear_warmup(W)`` has ``W + 1`` entries (the ramp, then 1), ``step_decay`` without ``total_steps`` decays
+until the factor underflows, ``constant()`` has one entry. ``sequential`` has ``milestones[-1] + len(last)``.
 
 The optimizers copy the table to the parameters' device once and their kernels read it there at a
 device-side step counter: there is no Python scheduler and no host sync per step.
@@ -17,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,13 +44,33 @@ __all__ = [
     "polynomial",
     "warmup_stable_decay",
     "cosine_restarts",
+    "cosine",
     "sequential",
+    "with_weight_decay",
     "from_lr_scheduler",
     "BakedSchedule",
+    "NoStandaloneTable",
+    "Columns",
 ]
 
 # A param group's resolved schedule: absolute lrs per step, and absolute momentum values or None.
 GroupSchedule = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+class Columns(NamedTuple):
+    """A param group's resolved schedule: float64 host tensors of absolute per-step values (None: the group's
+    own hyperparameter holds)."""
+
+    lr: torch.Tensor
+    momentum: Optional[torch.Tensor]
+    weight_decay: Optional[torch.Tensor]
+
+
+def _base_weight_decay(group: dict) -> float:
+    # the weight decay a weight-decay column multiplies: kept in initial_weight_decay once the optimizer shows
+    # the column's values in group["weight_decay"] (as initial_lr keeps the base lr)
+    value = group.get("initial_weight_decay", group.get("weight_decay", 0.0))
+    return float(value)
 
 
 def _as_table_tensor(values, what: str, name: str) -> torch.Tensor:
@@ -58,36 +88,48 @@ def _as_table_tensor(values, what: str, name: str) -> torch.Tensor:
 
 
 class ScheduleTable:
-    """Per-step lr factors and optional momentum values.
+    """Per-step lr factors, and optional momentum values and weight-decay factors.
 
     Args:
-        lr_factors: 1-D sequence of finite, non-negative factors (one per step).
-        momentum: optional 1-D sequence of momentum / beta1 values in [0, 1), same length.
+        lr_factors: 1-D sequence of finite, non-negative factors, one per optimizer step (entry t is read by
+            the step that follows t completed steps; a run longer than the table holds the last entry).
+        momentum: optional 1-D sequence of finite, non-negative momentum (SGD) / beta1 (Adam, Lion) values,
+            same length. As for torch's schedulers there is no upper bound: OneCycleLR / CyclicLR write
+            ``max_momentum=5`` if asked to, and torch's step (and fusedopt's) uses it.
         name: a label for plots and error messages.
+        weight_decay: optional 1-D sequence of finite, non-negative factors, same length, that multiply each
+            group's weight decay (so a group with ``weight_decay=0``, e.g. biases, stays undecayed). The
+            optimizer keeps a group's base weight decay in ``group["initial_weight_decay"]`` and shows the
+            scheduled one in ``group["weight_decay"]``, as it does for the lr. See :func:`with_weight_decay`.
+
+    Raises ValueError naming the first bad entry (empty table, non-finite or negative entry, lengths differ).
     """
 
-    def __init__(self, lr_factors, momentum=None, name: str = "custom"):
+    # True for tables whose values depend on each param group (from_lr_scheduler): they cannot be spliced
+    per_group = False
+
+    def __init__(self, lr_factors, momentum=None, name: str = "custom", weight_decay=None):
         self.name = name
         self.lr_factors = _as_table_tensor(lr_factors, "lr factor", name)
-        if momentum is None:
-            self.momentum = None
-        else:
-            self.momentum = _as_table_tensor(momentum, "momentum", name)
-            if self.momentum.numel() != self.lr_factors.numel():
-                raise ValueError(
-                    f"{name}: momentum table has {self.momentum.numel()} entries but the lr table has "
-                    f"{self.lr_factors.numel()}"
-                )
-            if bool((self.momentum >= 1).any()):
-                i = int((self.momentum >= 1).nonzero()[0])
-                raise ValueError(f"{name}: momentum entry {i} is {self.momentum[i].item()}; must be in [0, 1)")
+        self.momentum = self._column(momentum, "momentum")
+        self.weight_decay = self._column(weight_decay, "weight-decay factor")
+
+    def _column(self, values, what: str) -> Optional[torch.Tensor]:
+        if values is None:
+            return None
+        column = _as_table_tensor(values, what, self.name)
+        if column.numel() != self.lr_factors.numel():
+            raise ValueError(f"{self.name}: {what} table has {column.numel()} entries but the lr table has "
+                             f"{self.lr_factors.numel()}")
+        return column
 
     def __len__(self) -> int:
         return self.lr_factors.numel()
 
     def __repr__(self) -> str:
         mom = ", with momentum" if self.momentum is not None else ""
-        return f"ScheduleTable({self.name!r}, {len(self)} steps{mom})"
+        wd = ", with weight decay" if self.weight_decay is not None else ""
+        return f"ScheduleTable({self.name!r}, {len(self)} steps{mom}{wd})"
 
     def lr_at(self, step: int) -> float:
         """The lr factor used by step ``step`` (0-based count of completed steps)."""
@@ -98,18 +140,28 @@ class ScheduleTable:
             return None
         return float(self.momentum[min(max(step, 0), len(self) - 1)])
 
-    def resolve(self, param_groups: Sequence[dict], defaults: dict) -> List[GroupSchedule]:
-        """Absolute per-step values for each param group: ``lr_factors * group['lr']`` and the momentum.
+    def weight_decay_at(self, step: int) -> Optional[float]:
+        """The weight-decay factor used by step ``step``, or None without a weight-decay column."""
+        if self.weight_decay is None:
+            return None
+        return float(self.weight_decay[min(max(step, 0), len(self) - 1)])
 
-        ``defaults`` is the optimizer's defaults dict (it tells whether groups use ``momentum`` or ``betas``).
-        """
+    def resolve_columns(self, param_groups: Sequence[dict], defaults: dict) -> List[Columns]:
+        """Absolute per-step values for each param group: ``lr_factors * group['initial_lr']`` (else its
+        ``lr``), the momentum, and ``weight_decay factors * group['initial_weight_decay']`` (else its
+        ``weight_decay``). ``defaults`` is the optimizer's defaults dict."""
         out = []
         for group in param_groups:
-            base_lr = group.get("initial_lr", group["lr"])
-            if isinstance(base_lr, torch.Tensor):
-                base_lr = float(base_lr)
-            out.append((self.lr_factors * float(base_lr), None if self.momentum is None else self.momentum.clone()))
+            base_lr = float(group.get("initial_lr", group["lr"]))
+            out.append(Columns(
+                self.lr_factors * base_lr,
+                None if self.momentum is None else self.momentum.clone(),
+                None if self.weight_decay is None else self.weight_decay * _base_weight_decay(group)))
         return out
+
+    def resolve(self, param_groups: Sequence[dict], defaults: dict) -> List[GroupSchedule]:
+        """Absolute per-step lrs and momentum values for each param group (see :meth:`resolve_columns`)."""
+        return [(c.lr, c.momentum) for c in self.resolve_columns(param_groups, defaults)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,9 +229,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_factor: float = 0
     """Linear warmup ``t / warmup_steps``, then a half cosine from 1 down to ``min_factor`` at ``total_steps``.
 
     ``factor = min + (1 - min) * 0.5 * (1 + cos(pi * progress))``, ``progress = (t - W) / (total - W)``
-    (HF ``get_cosine_schedule_with_warmup`` plus a floor). ``total_steps + 1`` entries, so the last one (held
-    after the end) is exactly ``min_factor``. Without warmup and with ``min_factor * lr == eta_min`` this is
-    ``CosineAnnealingLR(T_max=total_steps)`` for steps ``0..total_steps``.
+    (HF ``get_cosine_schedule_with_warmup`` plus a floor), ``total_steps`` entries (steps ``0..total_steps-1``,
+    see the length rule in the module docstring): the factor would reach ``min_factor`` at step
+    ``total_steps``, the first step after the run. Without warmup and with ``min_factor * lr == eta_min`` this is
+    ``CosineAnnealingLR(T_max=total_steps)`` for steps ``0..total_steps-1``.
     """
     _check_warmup_total(total_steps, warmup_steps)
     m = _check_float("min_factor", min_factor, 0.0, 1.0)
@@ -189,20 +242,20 @@ def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_factor: float = 0
         m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * ((t - warmup_steps) / span)))
         for t in range(warmup_steps, total_steps)
     ]
-    vals.append(m)
     return ScheduleTable(vals, name="warmup_cosine")
 
 
 def warmup_linear(total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0) -> ScheduleTable:
     """Linear warmup ``t / warmup_steps``, then a straight line from 1 down to ``min_factor`` at ``total_steps``.
 
-    HF ``get_linear_schedule_with_warmup`` plus a floor; ``total_steps + 1`` entries, the last is ``min_factor``.
+    HF ``get_linear_schedule_with_warmup`` plus a floor; ``total_steps`` entries (the line reaches ``min_factor`` at
+    step ``total_steps``, the first step after the run).
     """
     _check_warmup_total(total_steps, warmup_steps)
     m = _check_float("min_factor", min_factor, 0.0, 1.0)
     span = total_steps - warmup_steps
     vals = [_ramp(t, warmup_steps) for t in range(warmup_steps)]
-    vals += [m + (1.0 - m) * ((total_steps - t) / span) for t in range(warmup_steps, total_steps + 1)]
+    vals += [m + (1.0 - m) * ((total_steps - t) / span) for t in range(warmup_steps, total_steps)]
     return ScheduleTable(vals, name="warmup_linear")
 
 
@@ -242,8 +295,9 @@ def one_cycle(
     div_factor = _check_float("div_factor", div_factor, 0.0, lo_open=True)
     final_div_factor = _check_float("final_div_factor", final_div_factor, 0.0, lo_open=True)
     if cycle_momentum:
-        base_momentum = _check_float("base_momentum", base_momentum, 0.0, 1.0, hi_open=True)
-        max_momentum = _check_float("max_momentum", max_momentum, 0.0, 1.0, hi_open=True)
+        # no upper bound, as OneCycleLR has none (torch's step takes momentum >= 1 too)
+        base_momentum = _check_float("base_momentum", base_momentum, 0.0)
+        max_momentum = _check_float("max_momentum", max_momentum, 0.0)
     anneal = _anneal_cos if anneal_strategy == "cos" else _anneal_linear
 
     init_f = 1.0 / div_factor
@@ -329,14 +383,14 @@ def exponential(gamma: float, total_steps: int) -> ScheduleTable:
 
 
 def polynomial(total_steps: int, power: float = 1.0, min_factor: float = 0.0) -> ScheduleTable:
-    """``(1 - min) * (1 - t / total_steps) ** power + min``, ``total_steps + 1`` entries (the last is ``min``).
+    """``(1 - min) * (1 - t / total_steps) ** power + min`` for steps ``0..total_steps-1`` (``total_steps`` entries).
 
     With ``min_factor=0`` this is ``PolynomialLR(total_iters=total_steps, power=power)``.
     """
     _check_int("total_steps", total_steps, 1)
     power = _check_float("power", power, 0.0, lo_open=True)
     m = _check_float("min_factor", min_factor, 0.0, 1.0)
-    vals = [(1.0 - m) * (1.0 - t / total_steps) ** power + m for t in range(total_steps + 1)]
+    vals = [(1.0 - m) * (1.0 - t / total_steps) ** power + m for t in range(total_steps)]
     return ScheduleTable(vals, name="polynomial")
 
 
@@ -345,8 +399,8 @@ def warmup_stable_decay(
 ) -> ScheduleTable:
     """Warmup-stable-decay (WSD): ``t / warmup_steps``, then 1, then a straight line to ``min_factor``.
 
-    The decay takes the last ``decay_steps`` steps and reaches ``min_factor`` at step ``total_steps``
-    (``total_steps + 1`` entries). ``decay_steps=0`` means no decay (the table ends at 1).
+    The decay takes the last ``decay_steps`` steps and would reach ``min_factor`` at step ``total_steps``, the
+    first step after the run (``total_steps`` entries). ``decay_steps=0`` means no decay (the table ends at 1).
     """
     _check_int("total_steps", total_steps, 1)
     _check_int("warmup_steps", warmup_steps, 0)
@@ -358,7 +412,7 @@ def warmup_stable_decay(
         )
     decay_start = total_steps - decay_steps
     vals = []
-    for t in range(total_steps + 1):
+    for t in range(total_steps):
         if t < warmup_steps:
             vals.append(_ramp(t, warmup_steps))
         elif t < decay_start or decay_steps == 0:
@@ -389,6 +443,21 @@ def cosine_restarts(T_0: int, T_mult: int = 1, min_factor: float = 0.0, *, total
     return ScheduleTable(vals, name="cosine_restarts")
 
 
+def cosine(total_steps: int, start_factor: float = 1.0, end_factor: float = 0.0) -> ScheduleTable:
+    """A half cosine from ``start_factor`` (step 0) towards ``end_factor``, falling or rising:
+    ``end + (start - end) * (1 + cos(pi * t / total_steps)) / 2`` for steps ``0..total_steps-1``.
+
+    ``CosineAnnealingLR(T_max=total_steps, eta_min=end_factor * lr)`` on a group of lr ``start_factor * lr``, and
+    DINO's ``cosine_scheduler(base_value, final_value, ...)`` without warmup; with :func:`with_weight_decay` it
+    raises the weight decay as DINO does (``cosine(n, 1.0, 10.0)`` on a base of 0.04: 0.04 towards 0.4).
+    """
+    _check_int("total_steps", total_steps, 1)
+    s = _check_float("start_factor", start_factor, 0.0)
+    e = _check_float("end_factor", end_factor, 0.0)
+    vals = [e + (s - e) * (1 + math.cos(math.pi * t / total_steps)) / 2 for t in range(total_steps)]
+    return ScheduleTable(vals, name="cosine")
+
+
 def sequential(tables: Sequence[ScheduleTable], milestones: Sequence[int]) -> ScheduleTable:
     """``SequentialLR``: ``tables[i]`` runs from ``milestones[i-1]`` (indexed from its own step 0).
 
@@ -403,7 +472,7 @@ def sequential(tables: Sequence[ScheduleTable], milestones: Sequence[int]) -> Sc
     for i, tab in enumerate(tables):
         if not isinstance(tab, ScheduleTable):
             raise ValueError(f"tables[{i}] must be a ScheduleTable, got {type(tab).__name__}")
-        if isinstance(tab, BakedSchedule):
+        if tab.per_group:
             raise ValueError(
                 f"tables[{i}] comes from from_lr_scheduler (per-group values); sequential() needs plain tables — "
                 "build a SequentialLR inside the factory instead"
@@ -415,23 +484,75 @@ def sequential(tables: Sequence[ScheduleTable], milestones: Sequence[int]) -> Sc
     for i, ms in enumerate(milestones):
         _check_int(f"milestones[{i}]", ms, prev + 1)
         prev = ms
-    with_mom = [tab.momentum is not None for tab in tables]
-    if any(with_mom) and not all(with_mom):
-        raise ValueError(
-            f"momentum: tables {[i for i, w in enumerate(with_mom) if w]} have a momentum table but tables "
-            f"{[i for i, w in enumerate(with_mom) if not w]} do not; either all or none must"
-        )
+    for column in ("momentum", "weight_decay"):
+        has = [getattr(tab, column) is not None for tab in tables]
+        if any(has) and not all(has):
+            raise ValueError(
+                f"{column}: tables {[i for i, w in enumerate(has) if w]} have a {column} table but tables "
+                f"{[i for i, w in enumerate(has) if not w]} do not; either all or none must"
+            )
     bounds = [0] + milestones
-    lr_parts, mom_parts = [], []
+    lr_parts, mom_parts, wd_parts = [], [], []
     for i, tab in enumerate(tables):
         seg = (bounds[i + 1] - bounds[i]) if i + 1 < len(bounds) else len(tab)
         idx = torch.arange(seg).clamp_(max=len(tab) - 1)
         lr_parts.append(tab.lr_factors[idx])
         if tab.momentum is not None:
             mom_parts.append(tab.momentum[idx])
+        if tab.weight_decay is not None:
+            wd_parts.append(tab.weight_decay[idx])
     return ScheduleTable(
-        torch.cat(lr_parts), torch.cat(mom_parts) if mom_parts else None, name="sequential"
+        torch.cat(lr_parts), torch.cat(mom_parts) if mom_parts else None, name="sequential",
+        weight_decay=torch.cat(wd_parts) if wd_parts else None,
     )
+
+
+class _WithWeightDecay(ScheduleTable):
+    """A table (plain or baked) with a weight-decay column added (see :func:`with_weight_decay`)."""
+
+    def __init__(self, table: ScheduleTable, factors: torch.Tensor, name: str):
+        self.table = table
+        self.name = name
+        self.per_group = table.per_group
+        self.weight_decay = factors
+
+    lr_factors = property(lambda self: self.table.lr_factors)
+    momentum = property(lambda self: self.table.momentum)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def resolve_columns(self, param_groups: Sequence[dict], defaults: dict) -> List[Columns]:
+        return [c._replace(weight_decay=self.weight_decay * _base_weight_decay(group))
+                for c, group in zip(self.table.resolve_columns(param_groups, defaults), param_groups)]
+
+
+def with_weight_decay(table: ScheduleTable, weight_decay) -> ScheduleTable:
+    """``table`` with a weight-decay column: per-step factors that multiply each group's weight decay, read by
+    the kernels on the device like the lr (DINO anneals weight decay from 0.04 to 0.4 beside its lr).
+
+    Args:
+        table: any table (a builder's, ``sequential``'s, ``from_lr_scheduler``'s); its lr and momentum are kept.
+        weight_decay: the factors: a ScheduleTable (its ``lr_factors``, e.g. ``cosine(n, 1.0, 10.0)``) or a 1-D
+            sequence; finite, >= 0, as many entries as ``table``.
+
+    Factors, not absolute values, so param groups keep their own decay (``fusedopt.param_groups``' no-decay
+    group stays at 0). A torch scheduler that writes ``weight_decay`` needs no combinator: ``from_lr_scheduler``
+    bakes what it writes.
+
+    Raises ValueError for a bad entry, a length that differs from ``table``'s, or a table that already has one.
+    """
+    if not isinstance(table, ScheduleTable):
+        raise ValueError(f"table must be a ScheduleTable, got {type(table).__name__}")
+    if getattr(table, "weight_decay", None) is not None:  # (a per-group baked table has no standalone one)
+        raise ValueError(f"{table.name}: the table already has a weight-decay column")
+    name = f"{table.name}+weight_decay"
+    values = weight_decay.lr_factors if isinstance(weight_decay, ScheduleTable) else weight_decay
+    factors = _as_table_tensor(values, "weight-decay factor", name)
+    if factors.numel() != len(table):
+        raise ValueError(f"{name}: the weight-decay column has {factors.numel()} entries but the table has "
+                         f"{len(table)} (one per optimizer step: build both for the same total_steps)")
+    return _WithWeightDecay(table, factors, name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,12 +595,18 @@ def _read_momentum(group: dict, key: Optional[str]) -> Optional[float]:
     return float(v)
 
 
-def _bake(factory, param_groups: Sequence[dict], defaults: dict, total_steps: int, name: str) -> List[GroupSchedule]:
+def _bake(factory, param_groups: Sequence[dict], defaults: dict, total_steps: int, name: str) -> List[Columns]:
     shadow_groups = []
     for group in param_groups:
         sg = {k: copy.deepcopy(v) for k, v in group.items() if k not in ("params", "initial_lr")}
         base_lr = group.get("initial_lr", group["lr"])  # the same base lr as ScheduleTable.resolve
-        sg["lr"] = float(base_lr)
+        # A tensor lr stays a tensor of its dtype: torch's schedulers then compute in that dtype (and write the
+        # lr in place, rounding it to float32 for a float32 lr), so the recorded lrs are the ones they would set
+        # on the user's optimizer, bit for bit. It is a CPU copy: recording it reads it.
+        sg["lr"] = base_lr.detach().to("cpu", copy=True) if isinstance(base_lr, torch.Tensor) else float(base_lr)
+        if "weight_decay" in group:  # a scheduler that writes weight_decay starts from the base, as for the lr
+            sg["weight_decay"] = _base_weight_decay(group)
+        sg.pop("initial_weight_decay", None)
         sg["params"] = [torch.zeros(())]
         shadow_groups.append(sg)
     key = _momentum_key(defaults)
@@ -487,6 +614,7 @@ def _bake(factory, param_groups: Sequence[dict], defaults: dict, total_steps: in
         warnings.simplefilter("ignore")
         shadow = _ShadowOptimizer(shadow_groups, copy.deepcopy(dict(defaults)))
         original_mom = [_read_momentum(g, key) for g in shadow.param_groups]
+        original_wd = [g.get("weight_decay") for g in shadow.param_groups]
         try:
             sched = factory(shadow)
         except Exception as e:
@@ -507,6 +635,7 @@ def _bake(factory, param_groups: Sequence[dict], defaults: dict, total_steps: in
             )
         lrs = [[] for _ in shadow.param_groups]
         moms = [[] for _ in shadow.param_groups]
+        wds = [[] for _ in shadow.param_groups]
         for t in range(total_steps):
             if t:
                 shadow.step()
@@ -519,23 +648,34 @@ def _bake(factory, param_groups: Sequence[dict], defaults: dict, total_steps: in
             for i, g in enumerate(shadow.param_groups):
                 lrs[i].append(float(g["lr"]))
                 moms[i].append(_read_momentum(g, key))
+                wds[i].append(None if original_wd[i] is None else float(g["weight_decay"]))
     changed = key is not None and any(
         m != orig for ms, orig in zip(moms, original_mom) for m in ms
     )
+    # a weight-decay column when the scheduler wrote weight_decay (absolute values, like the lrs)
+    wd_changed = any(w != orig for ws, orig in zip(wds, original_wd) if orig is not None for w in ws)
     out = []
     for i in range(len(lrs)):
-        tab = ScheduleTable(lrs[i], moms[i] if changed else None, name=f"{name} (param group {i})")
-        out.append((tab.lr_factors, tab.momentum))
+        tab = ScheduleTable(lrs[i], moms[i] if changed else None, name=f"{name} (param group {i})",
+                            weight_decay=wds[i] if wd_changed and original_wd[i] is not None else None)
+        out.append(Columns(tab.lr_factors, tab.momentum, tab.weight_decay))
     return out
+
+
+class NoStandaloneTable(ValueError, AttributeError):
+    """A BakedSchedule whose factory needs the real param groups has no single-group table to show. An
+    AttributeError too, so that ``getattr(table, "momentum", None)`` and ``hasattr`` see no such attribute."""
 
 
 class BakedSchedule(ScheduleTable):
     """A torch LR scheduler run ahead of time on a shadow optimizer (see :func:`from_lr_scheduler`).
 
-    :meth:`resolve` bakes absolute lrs (and momentum, if the scheduler changes it) for the real groups, so
+    :meth:`resolve` bakes absolute lrs (and momentum and weight decay, if the scheduler changes them) for the
+    real groups, so
     per-group lambdas, ``max_lr`` lists and the like work. ``lr_factors`` / ``momentum`` are the values for
-    one SGD-like group with ``lr=1.0`` (for plots and inspection); if the factory cannot run on one group,
-    reading them raises (``resolve`` still works).
+    one SGD-like group with ``lr=1.0`` (for plots and inspection); if the factory cannot run on one group
+    (``LambdaLR`` with one lambda per group, ``max_lr=[...]``), reading them raises :class:`NoStandaloneTable`
+    (a ValueError and an AttributeError); ``resolve`` still works, and so do the optimizers.
     """
 
     def __init__(self, factory: Callable, total_steps: int, name: str = "from_lr_scheduler"):
@@ -544,7 +684,7 @@ class BakedSchedule(ScheduleTable):
         self.factory = factory
         self.total_steps = _check_int("total_steps", total_steps, 1)
         self.name = name
-        self._standalone: Optional[GroupSchedule] = None
+        self._standalone: Optional[Columns] = None
         self._standalone_error: Optional[Exception] = None
         # Bake once now, so a ReduceLROnPlateau, a wrong return type or a too-short OneCycleLR fail here.
         try:
@@ -554,9 +694,11 @@ class BakedSchedule(ScheduleTable):
         except _FactoryError as e:  # e.g. LambdaLR with one lambda per group of the real optimizer
             self._standalone_error = e
 
-    def _standalone_values(self) -> GroupSchedule:
+    per_group = True
+
+    def _standalone_values(self) -> Columns:
         if self._standalone is None:
-            raise ValueError(
+            raise NoStandaloneTable(
                 f"{self.name}: no standalone table (the factory failed on a single default group with lr=1.0: "
                 f"{self._standalone_error}); use resolve(param_groups, defaults) for the real groups"
             ) from self._standalone_error
@@ -570,13 +712,18 @@ class BakedSchedule(ScheduleTable):
     def momentum(self) -> Optional[torch.Tensor]:  # type: ignore[override]
         return self._standalone_values()[1]
 
+    @property
+    def weight_decay(self) -> Optional[torch.Tensor]:  # type: ignore[override]
+        # absolute for the standalone group, whose weight decay is 0 unless the scheduler writes one
+        return self._standalone_values()[2]
+
     def __len__(self) -> int:
         return self.total_steps
 
     def __repr__(self) -> str:
         return f"BakedSchedule({self.name!r}, {self.total_steps} steps)"
 
-    def resolve(self, param_groups: Sequence[dict], defaults: dict) -> List[GroupSchedule]:
+    def resolve_columns(self, param_groups: Sequence[dict], defaults: dict) -> List[Columns]:
         """Run the factory's scheduler on a shadow copy of ``param_groups``; the real groups are not touched."""
         return _bake(self.factory, param_groups, defaults, self.total_steps, self.name)
 
@@ -588,7 +735,46 @@ def from_lr_scheduler(factory: Callable[[torch.optim.Optimizer], "torch.optim.lr
     ``factory(optimizer)`` must build the scheduler on the optimizer it is given, e.g.
     ``lambda opt: OneCycleLR(opt, max_lr=[1e-3, 1e-2], total_steps=1000)``. At ``resolve`` time it is run on a
     shadow optimizer whose groups copy the real ones (one dummy param each), recording each group's lr, and
-    its momentum (``betas[0]`` / ``momentum``) if the scheduler changes it, before each of ``total_steps``
-    steps. ReduceLROnPlateau needs a metric and is rejected with a TypeError.
+    its momentum (``betas[0]`` / ``momentum``) and its ``weight_decay`` if the scheduler changes them, before
+    each of ``total_steps`` steps. ReduceLROnPlateau needs a metric and is rejected with a TypeError.
     """
     return BakedSchedule(factory, total_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the optimizers say when `schedule=` is given something else than a table.
+# ----------------------------------------------------------------------------------------------------------
+_BUILDERS = ("constant", "linear_warmup", "warmup_cosine", "warmup_linear", "one_cycle", "step_decay", "exponential",
+             "polynomial", "warmup_stable_decay", "cosine_restarts", "sequential", "from_lr_scheduler")
+_TORCH_SCHEDULER_HINT = ("to drive the lr with a torch LR scheduler, keep schedule=None and attach the scheduler to "
+                         "the optimizer as usual (it works as on torch.optim); to run it on the device instead, bake "
+                         "it: schedule=fusedopt.schedules.from_lr_scheduler(lambda opt: <scheduler>(opt, ...), "
+                         "total_steps)")
+
+
+def schedule_type_error(schedule) -> Optional[str]:
+    """None when `schedule` is a valid ``schedule=`` argument (a ScheduleTable or None), else the message of the
+    TypeError to raise: what was passed, and what to pass instead."""
+    if schedule is None or isinstance(schedule, ScheduleTable):
+        return None
+    head = f"schedule must be a fusedopt.schedules.ScheduleTable or None, got "
+    if callable(schedule) and getattr(schedule, "__module__", None) == __name__ and schedule.__name__ in _BUILDERS:
+        return (head + f"the builder function fusedopt.schedules.{schedule.__name__} itself: call it, e.g. "
+                f"schedule=fusedopt.schedules.{schedule.__name__}(total_steps=...)")
+    if isinstance(schedule, str):
+        name = schedule.strip().lower().replace("-", "_")
+        match = f" (fusedopt.schedules.{name}(...))" if name in _BUILDERS else ""
+        return (head + f"the string {schedule!r}: build a table with one of the builders{match}: "
+                + ", ".join(f"schedules.{b}" for b in _BUILDERS))
+    if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) or (
+            isinstance(schedule, type) and issubclass(schedule, torch.optim.lr_scheduler.LRScheduler)):
+        what = schedule.__name__ if isinstance(schedule, type) else type(schedule).__name__
+        return head + f"a torch LR scheduler ({what}): " + _TORCH_SCHEDULER_HINT
+    if isinstance(schedule, (list, tuple, torch.Tensor)):
+        return (head + f"a {type(schedule).__name__}: wrap per-step lr factors in a table: "
+                "schedule=fusedopt.schedules.ScheduleTable(lr_factors)")
+    if callable(schedule):
+        return (head + f"a callable ({getattr(schedule, '__name__', type(schedule).__name__)}): if it builds a torch "
+                "LR scheduler, " + _TORCH_SCHEDULER_HINT + "; if it maps a step to an lr factor, tabulate it: "
+                "schedule=fusedopt.schedules.ScheduleTable([f(t) for t in range(total_steps)])")
+    return head + f"{type(schedule).__name__}; build one with fusedopt.schedules (e.g. warmup_cosine(total_steps))"

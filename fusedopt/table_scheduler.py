@@ -8,9 +8,10 @@ callbacks, checkpoint code) gets one from ``TableScheduler(opt)``::
     opt = fusedopt.FusedAdamW(model.parameters(), lr=3e-4, schedule=fusedopt.schedules.warmup_cosine(1000, 100))
     trainer = transformers.Trainer(..., optimizers=(opt, fusedopt.TableScheduler(opt)))
 
-Its ``step()`` changes nothing the kernels read. It keeps ``group["lr"]`` equal to the lr the table gives the
-next optimizer step (so loggers that read ``param_groups[i]["lr"]`` show the scheduled value) and its
-``get_last_lr()`` returns the same values. Both come from the optimizer's host mirror of the counter
+Its ``step()`` changes nothing the kernels read. The optimizer itself keeps ``group["lr"]`` equal to the lr the
+table gives the next optimizer step (so loggers that read ``param_groups[i]["lr"]`` show the scheduled value);
+the scheduler's ``step()`` refreshes the same values (for a ZeroRedundancyOptimizer's outer groups too) and its
+``get_last_lr()`` returns them. All come from the optimizer's host mirror of the counter
 (``opt.schedule_step``) and the table held on the host: no device sync. The base lr stays in
 ``group["initial_lr"]``, which is what the optimizer resolves the table against.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -84,10 +84,10 @@ class TableScheduler(LRScheduler):
         self._step_count += 1
         self.last_epoch = self._fused.schedule_step
         values = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, values):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
+        self._fused._resolve_tables()
+        self._fused._show_schedule()  # the fused optimizer's own groups, and what it remembers showing there
+        if self.optimizer is not self._fused:  # a ZeroRedundancyOptimizer: its outer groups too
+            for group, lr in zip(self.optimizer.param_groups, values):
                 group["lr"] = lr
         self._last_lr = list(values)
 

@@ -219,15 +219,18 @@ def grad_sequence(specs, steps, dtype, seed=1, scale=1.0):
 # ------------------------------------------------------------------------------------------------------------
 LR_TABLE = [1e-2, 3e-2, 2e-2, 5e-3]  # 4 entries; steps 4, 5, ... read the last one
 MOM_TABLE = [0.9, 0.85, 0.8, 0.95]
+WD_TABLE = [0.0, 0.05, 0.2, 0.1, 0.3]  # absolute weight decays (0 at step 0: the decay is skipped there)
 STEPS = 6
 
 
-def controls(step, *, lr_table=True, mom_table=True, grad_scale=None, found_inf=None, clip_coef=None):
+def controls(step, *, lr_table=True, mom_table=True, wd_table=False, grad_scale=None, found_inf=None,
+             clip_coef=None):
     f32 = lambda v: None if v is None else torch.tensor([v], dtype=torch.float32)  # noqa: E731
-    use_table = lr_table or mom_table
+    use_table = lr_table or mom_table or wd_table
     return dict(
         lr_table=torch.tensor(LR_TABLE, dtype=torch.float64) if lr_table else None,
         mom_table=torch.tensor(MOM_TABLE, dtype=torch.float64) if mom_table else None,
+        wd_table=torch.tensor(WD_TABLE, dtype=torch.float64) if wd_table else None,
         schedule_step=torch.tensor(step, dtype=torch.int64) if use_table else None,
         grad_scale=f32(grad_scale), found_inf=f32(found_inf), clip_coef=f32(clip_coef))
 
@@ -241,15 +244,16 @@ def call(op_ns, g: Group, hp, ctl, *, first_step=False, extra=()):
         return op_ns.adamw_(g.params, g.grads, g.states[0], g.states[1], g.states[2] if hp["amsgrad"] else [],
                             g.steps, g.master_params, hp["lr"], hp["beta1"], hp["beta2"], hp["eps"],
                             hp["weight_decay"], hp["amsgrad"], hp["maximize"], ctl["lr_table"], ctl["mom_table"],
-                            ctl["schedule_step"], ctl["grad_scale"], ctl["found_inf"], ctl["clip_coef"], *extra)
+                            ctl["schedule_step"], ctl["grad_scale"], ctl["found_inf"], ctl["clip_coef"],
+                            ctl["wd_table"], hp.get("decoupled", True), *extra)
     if g.rule == "sgd":
         return op_ns.sgd_(g.params, g.grads, g.states[0] if g.states else [], g.master_params, hp["lr"],
                           hp["momentum"], hp["dampening"], hp["weight_decay"], hp["nesterov"], hp["maximize"],
                           first_step, ctl["lr_table"], ctl["mom_table"], ctl["schedule_step"], ctl["grad_scale"],
-                          ctl["found_inf"], ctl["clip_coef"], *extra)
+                          ctl["found_inf"], ctl["clip_coef"], ctl["wd_table"], *extra)
     return op_ns.lion_(g.params, g.grads, g.states[0], g.master_params, hp["lr"], hp["beta1"], hp["beta2"],
                        hp["weight_decay"], ctl["lr_table"], ctl["mom_table"], ctl["schedule_step"],
-                       ctl["grad_scale"], ctl["found_inf"], ctl["clip_coef"], *extra)
+                       ctl["grad_scale"], ctl["found_inf"], ctl["clip_coef"], ctl["wd_table"], *extra)
 
 
 def run(op_ns, g: Group, hp, grads_seq, *, extra=(), ctl_kw=None, start=0):
@@ -273,6 +277,10 @@ VARIANTS = {
     "adamw": ("adamw", {}, {}),
     "adamw-amsgrad-maximize": ("adamw", dict(amsgrad=True, maximize=True, weight_decay=0.1), dict(amsgrad=True)),
     "adamw-no-wd": ("adamw", dict(weight_decay=0.0, eps=1e-6), {}),
+    # torch.optim.Adam: the same op with decoupled_weight_decay=False (L2 decay added to the gradient)
+    "adam-l2": ("adamw", dict(decoupled=False, weight_decay=0.1), {}),
+    "adam-l2-amsgrad-maximize": ("adamw", dict(decoupled=False, amsgrad=True, maximize=True, weight_decay=0.05),
+                                 dict(amsgrad=True)),
     "sgd-momentum-dampening-wd": ("sgd", dict(dampening=0.3, weight_decay=1e-2), {}),
     "sgd-nesterov-maximize": ("sgd", dict(nesterov=True, maximize=True, weight_decay=1e-3), {}),
     "sgd-plain": ("sgd", dict(momentum=0.0), dict(momentum=False)),
@@ -549,6 +557,30 @@ def test_without_tables(sim, cpu_ops, name):
     assert_close_fp32(ours.params, oracle[0])
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam-l2-amsgrad-maximize", "sgd-momentum-dampening-wd", "lion"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_weight_decay_table(sim, cpu_ops, name, dtype):
+    """weight_decay_table: absolute weight decays read at the schedule step like lr_table (past its end the
+    last entry holds; entry 0 is 0, which skips the decay), replacing the weight_decay argument: bitwise
+    equal to the CPU op, and equal to the oracle with group["weight_decay"] set from the table every step."""
+    rule, hp, gkw = variant(name)
+    hp = {**hp, "weight_decay": 123.0}  # ignored: the table replaces it
+    specs = standard_specs()
+    ref = Group(rule, specs, dtype, **gkw)
+    ours = ref.clone()
+    n_steps = len(WD_TABLE) + 2
+    grads = grad_sequence(specs, n_steps, dtype)
+    run(sim, ours, hp, grads, extra=sim_args(), ctl_kw=dict(wd_table=True))
+    run(cpu_ops, ref, hp, grads, ctl_kw=dict(wd_table=True))
+    assert_groups_equal(ours, ref)
+    params, _ = run_oracle(rule, hp, ref_params(specs, dtype), grads, wd_table=True)
+    if dtype == torch.float32:
+        assert_close_fp32(ours.params, params)
+    else:
+        for a, b in zip(ours.params, params):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
 def test_argument_checks(sim):
     """Each rejected call leaves the tensors it was given (params, grads, states, steps) as they were: checked
     on the very lists passed to the call, after a step that made the states non-zero."""
@@ -574,6 +606,20 @@ def test_argument_checks(sim):
         assert_groups_equal(bad, before)
         assert_same(bad.grads, before.grads, "grads")
         assert [float(s) for s in bad.steps] == [1.0, 1.0]
+    # A bad weight_decay_table is rejected like a bad lr_table, before anything changes.
+    float_table = controls(1, lr_table=False, mom_table=False, wd_table=True)
+    float_table["wd_table"] = float_table["wd_table"].float()
+    no_counter = controls(1, lr_table=False, mom_table=False, wd_table=True)
+    no_counter["schedule_step"] = None
+    for ctl, message in ((float_table, "weight_decay_table must be float64, got Float"),
+                         (no_counter, "a schedule table of more than one entry needs schedule_step")):
+        target = g.clone()
+        target.set_grads(grad_sequence(specs, 1, torch.float32, seed=7)[0])
+        before = target.clone()
+        with pytest.raises(RuntimeError, match=message):
+            call(sim, target, hp, ctl, extra=sim_args())
+        assert_groups_equal(target, before)
+        assert [float(s) for s in target.steps] == [1.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -584,14 +630,14 @@ def ref_params(specs, dtype):
     return [torch.randn(s.size, generator=gen, dtype=torch.float64).to(dtype) for s in specs]
 
 
-def run_oracle(rule, hp, params, grads_seq, *, use_tables=True):
-    """torch.optim.AdamW / SGD (single-tensor) or lion_pytorch.Lion, lr / beta1 / momentum set per step from
-    the tables. Returns (params, states per state slot)."""
+def run_oracle(rule, hp, params, grads_seq, *, use_tables=True, wd_table=False):
+    """torch.optim.AdamW / Adam / SGD (single-tensor) or lion_pytorch.Lion, lr / beta1 / momentum (and, with
+    wd_table, weight_decay) set per step from the tables. Returns (params, states per state slot)."""
     ps = [p.clone() for p in params]
     if rule == "adamw":
-        opt = torch.optim.AdamW(ps, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
-                                weight_decay=hp["weight_decay"], amsgrad=hp["amsgrad"], maximize=hp["maximize"],
-                                foreach=False)
+        cls = torch.optim.AdamW if hp.get("decoupled", True) else torch.optim.Adam
+        opt = cls(ps, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"], weight_decay=hp["weight_decay"],
+                  amsgrad=hp["amsgrad"], maximize=hp["maximize"], foreach=False)
     elif rule == "sgd":
         opt = torch.optim.SGD(ps, lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
                               weight_decay=hp["weight_decay"], nesterov=hp["nesterov"], maximize=hp["maximize"],
@@ -609,6 +655,8 @@ def run_oracle(rule, hp, params, grads_seq, *, use_tables=True):
                         group["momentum"] = table_at(MOM_TABLE, step)
                 else:
                     group["betas"] = (table_at(MOM_TABLE, step), hp["beta2"])
+            if wd_table:
+                group["weight_decay"] = table_at(WD_TABLE, step)
         for p, g in zip(ps, grads):
             p.grad = g.clone()
         opt.step()

@@ -44,24 +44,28 @@ def tensors(dtype=torch.float32, positive=False, seed=0):
 
 
 def controls(table=False, momentum_table=False, grad_scale=False, found_inf=None, clip=False, step=3,
-             tensor_lr=False):
-    """lr_table, momentum/beta1 table, schedule_step, grad_scale, found_inf, clip_coef. tensor_lr: a one-entry
-    lr table and no schedule_step, as step() passes a tensor lr."""
+             tensor_lr=False, wd_table=None):
+    """lr_table, momentum/beta1 table, schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table.
+    tensor_lr: a one-entry lr table and no schedule_step, as step() passes a tensor lr. wd_table: "stepped" (8
+    entries, read at the schedule step) or "one_entry" (a tensor weight decay, no schedule_step needed)."""
     lr_table = torch.linspace(1e-2, 1e-3, 8, dtype=F64) if table else None
     if tensor_lr:
         lr_table = torch.tensor([2e-3], dtype=F64)
     mom_table = torch.linspace(0.95, 0.85, 8, dtype=F64) if momentum_table else None
-    schedule_step = torch.tensor(step, dtype=torch.int64) if (table or momentum_table) else None
+    weight_decay_table = {None: None, "stepped": torch.linspace(0.0, 0.2, 8, dtype=F64),
+                          "one_entry": torch.tensor([0.05], dtype=F64)}[wd_table]
+    stepped = table or momentum_table or wd_table == "stepped"
+    schedule_step = torch.tensor(step, dtype=torch.int64) if stepped else None
     return (lr_table, mom_table, schedule_step,
             torch.tensor(1024.0) if grad_scale else None,
             None if found_inf is None else torch.tensor(float(found_inf)),
-            torch.tensor(0.25) if clip else None)
+            torch.tensor(0.25) if clip else None, weight_decay_table)
 
 
 # --------------------------------------------------------------------------------------------------------
 # adamw_
 # --------------------------------------------------------------------------------------------------------
-def adamw_args(dtype=torch.float32, master=False, amsgrad=False, maximize=False, **ctl):
+def adamw_args(dtype=torch.float32, master=False, amsgrad=False, maximize=False, decoupled=True, **ctl):
     state_dtype = torch.float32 if master else dtype
     params = tensors(dtype, seed=1)
     return (
@@ -69,7 +73,7 @@ def adamw_args(dtype=torch.float32, master=False, amsgrad=False, maximize=False,
         tensors(state_dtype, positive=True, seed=5) if amsgrad else [],
         [torch.tensor(k + 1, dtype=torch.int64) for k in range(len(SHAPES))],  # per-param step counts
         [p.float() for p in params] if master else [],
-        1e-3, 0.9, 0.999, 1e-8, 0.01, amsgrad, maximize, *controls(**ctl),
+        1e-3, 0.9, 0.999, 1e-8, 0.01, amsgrad, maximize, *controls(**ctl), decoupled,
     )
 
 
@@ -82,6 +86,11 @@ ADAMW_CASES = {
                         found_inf=0, clip=True),
     "fp16_no_master": dict(dtype=torch.float16, clip=True),
     "tensor_lr": dict(tensor_lr=True, grad_scale=True, found_inf=0),
+    "wd_table": dict(wd_table="stepped", table=True, amsgrad=True),
+    "adam_l2": dict(decoupled=False, maximize=True),
+    "adam_l2_wd_table_bf16_master": dict(decoupled=False, wd_table="stepped", dtype=torch.bfloat16, master=True,
+                                         grad_scale=True, found_inf=0),
+    "one_entry_wd_table": dict(wd_table="one_entry", decoupled=False),
 }
 
 
@@ -113,6 +122,8 @@ SGD_CASES = {
     "fp16_master": dict(dtype=torch.float16, master=True, table=True, clip=True),
     "float64": dict(dtype=F64, nesterov=True, table=True),
     "tensor_lr": dict(tensor_lr=True, nesterov=True),
+    "wd_table": dict(wd_table="stepped", momentum_table=True),
+    "one_entry_wd_table": dict(wd_table="one_entry", momentum=0.0),
 }
 
 
@@ -139,6 +150,8 @@ LION_CASES = {
     "found_inf_skips": dict(found_inf=1),
     "bf16_master": dict(dtype=torch.bfloat16, master=True, table=True, grad_scale=True),
     "tensor_lr": dict(tensor_lr=True, clip=True),
+    "wd_table": dict(wd_table="stepped", table=True, clip=True),
+    "one_entry_wd_table_fp16_master": dict(wd_table="one_entry", dtype=torch.float16, master=True),
 }
 
 
@@ -149,6 +162,49 @@ def test_a_table_of_several_entries_needs_a_counter():
     args[13] = None  # schedule_step
     with pytest.raises(RuntimeError, match="a schedule table of more than one entry needs schedule_step"):
         torch.ops.fusedopt.sgd_.default(*args)
+    args = list(sgd_args(wd_table="stepped"))
+    args[13] = None
+    with pytest.raises(RuntimeError, match="a schedule table of more than one entry needs schedule_step"):
+        torch.ops.fusedopt.sgd_.default(*args)
+
+
+@pytest.mark.parametrize("op", ["adamw_", "sgd_", "lion_"])
+@pytest.mark.parametrize("bad,match", [
+    (torch.ones(4, dtype=torch.float32), "weight_decay_table must be float64, got Float"),
+    (torch.ones(2, 2, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[2, 2\]"),
+    (torch.ones(0, dtype=F64), r"weight_decay_table must be a non-empty 1-D tensor, got shape \[0\]"),
+    (torch.ones(8, dtype=F64)[::2], "weight_decay_table must be contiguous"),
+])
+def test_bad_weight_decay_table_is_rejected_before_anything_changes(op, bad, match):
+    args = {"adamw_": adamw_args, "sgd_": sgd_args, "lion_": lion_args}[op](wd_table="stepped")
+    args = list(args)
+    index = {"adamw_": 20, "sgd_": 17, "lion_": 14}[op]  # weight_decay_table
+    assert args[index] is not None
+    args[index] = bad
+    before = [[t.clone() for t in a] for a in args if isinstance(a, list)]
+    with pytest.raises(RuntimeError, match=match):
+        getattr(torch.ops.fusedopt, op).default(*args)
+    after = [a for a in args if isinstance(a, list)]
+    for b, a in zip(before, after):
+        assert all(torch.equal(x, y) for x, y in zip(b, a))
+
+
+def test_new_arguments_by_keyword_and_their_defaults():
+    """The trailing arguments are optional (older positional callers keep working) and can be passed by
+    keyword: weight_decay_table=None and decoupled_weight_decay=True are the defaults."""
+    runs = []
+    for extra in ({}, dict(weight_decay_table=None, decoupled_weight_decay=True),
+                  dict(weight_decay_table=torch.tensor([0.01], dtype=F64))):
+        args = adamw_args()[:20]  # up to clip_coef
+        torch.ops.fusedopt.adamw_(*args, **extra)
+        runs.append(args[0])
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], runs[2]):  # a one-entry table holding the same weight decay: the same update
+        assert torch.equal(a, b)
+    l2 = adamw_args()[:20]
+    torch.ops.fusedopt.adamw_(*l2, decoupled_weight_decay=False)
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0], l2[0]))
 
 
 @pytest.mark.parametrize("case", LION_CASES)

@@ -118,9 +118,10 @@ def test_closure_and_step_hooks_as_torch(backend):
 @pytest.mark.parametrize("case", ["linear_warmup_vs_linearlr", "warmup_linear_vs_hf"])
 def test_past_the_end_holds_the_last_entry_with_one_warning(case, backend):
     """A table shorter than the run: exactly one warning (at the first step that reads past the end, naming
-    the table's length), and the steps after it use the last entry, as the schedulers that hold their last value
-    do: torch's LinearLR (holds end_factor) and HF's get_linear_schedule_with_warmup (holds 0, which freezes
-    AdamW, weight decay included)."""
+    the table's length), and the steps after it use the last entry: the oracle's scheduler is stepped while the
+    table has entries and then left alone, so it holds the value of the table's last step (a table has one
+    entry per step of a total_steps run: warmup_linear(8, 2) holds step 7's lr, where HF's schedule would go on
+    to 0 at step 8; LinearLR holds end_factor by itself)."""
     steps = 14
     if case == "linear_warmup_vs_linearlr":
         table = schedules.linear_warmup(5, start_factor=0.2)  # 6 entries
@@ -128,7 +129,7 @@ def test_past_the_end_holds_the_last_entry_with_one_warning(case, backend):
     else:
         from transformers import get_linear_schedule_with_warmup
 
-        table = schedules.warmup_linear(8, 2)  # 9 entries
+        table = schedules.warmup_linear(8, 2)  # 8 entries
         make_sched = lambda o: get_linear_schedule_with_warmup(o, 2, 8)  # noqa: E731
     base = make_params()
     ours_p, ref_p = [p.clone() for p in base], [p.clone() for p in base]
@@ -146,10 +147,11 @@ def test_past_the_end_holds_the_last_entry_with_one_warning(case, backend):
             ours.step()
         seen += [(t, str(w.message)) for w in caught if PAST_END_WARNING in str(w.message)]
         ref.step()
-        sched.step()
+        if t + 1 < len(table):
+            sched.step()
     assert len(seen) == 1, seen
     t, message = seen[0]
-    assert t == len(table) and f"has {len(table)} steps" in message
+    assert t == len(table) and f"has {len(table)} entries" in message
     assert_params_close(ours_p, ref_p, f"{case} past the end")
 
 
@@ -305,23 +307,23 @@ def test_torch_sgd_checkpoint_into_a_table_schedule():
                                    rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="the load warning says 'set param_groups[i]['schedule_step'] to resume "
-                   "elsewhere', but the host mirror (get_last_lr(), schedule_step, the past-the-end warning) keeps "
-                   "step 0 while the kernels read the new step; fix in fusedopt/optim/_base.py")
 def test_resuming_elsewhere_as_the_load_warning_says():
-    """The warning's advice, followed: the kernels and get_last_lr() must agree on the step (here 6)."""
+    """The load warning's advice (a torch SGD checkpoint has no per-param step), followed: `opt.schedule_step = k`
+    moves the host mirror and the device counters together, so get_last_lr() and the kernels agree (here 6)."""
     table = schedules.warmup_cosine(12, 3)
     p = make_params()[2]
     src = torch.optim.SGD([p.clone()], lr=1e-2, momentum=0.9, foreach=False)
     src.param_groups[0]["params"][0].grad = torch.ones(5)
     src.step()
     ours = fusedopt.FusedSGD([p.clone()], lr=1e-2, momentum=0.9, schedule=table)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         ours.load_state_dict(src.state_dict())
-    ours.param_groups[0]["schedule_step"].fill_(6)
+    assert any("set opt.schedule_step = k" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    ours.schedule_step = 6
     hf_lrs, _ = schedule_trace(hf_cosine(3, 12), 7, lr=1e-2)
     assert ours.get_last_lr() == pytest.approx([hf_lrs[6]], rel=1e-12)
+    assert int(ours.param_groups[0]["schedule_step"]) == 6 and ours.schedule_step == 6
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -132,10 +132,12 @@ def assert_bitwise(actual, expected, what):
 
 
 class Runner:
-    def __init__(self, rule, impl, groups, *, lr_tables=None, mom_tables=None, master=False, device=DEVICE):
+    def __init__(self, rule, impl, groups, *, lr_tables=None, mom_tables=None, wd_tables=None, master=False,
+                 device=DEVICE):
         self.rule, self.impl, self.groups = rule, impl, groups
         self.lr_tables = lr_tables or [None] * len(groups)
         self.mom_tables = mom_tables or [None] * len(groups)
+        self.wd_tables = wd_tables or [None] * len(groups)
         self.schedule_step = torch.zeros((), dtype=torch.int64, device=device)
         self.grad_bufs = None  # grads are copied into fixed buffers, as a trainer's .grad tensors stay put
         self.state = []
@@ -162,23 +164,24 @@ class Runner:
                 for b, g in zip(bufs, gg):
                     b.copy_(g)
         grads = self.grad_bufs
-        for g, st, grad, lr_t, mom_t in zip(self.groups, self.state, grads, self.lr_tables, self.mom_tables):
-            sched = self.schedule_step if (lr_t is not None or mom_t is not None) else None
+        for g, st, grad, lr_t, mom_t, wd_t in zip(self.groups, self.state, grads, self.lr_tables, self.mom_tables,
+                                                  self.wd_tables):
+            sched = self.schedule_step if any(t is not None for t in (lr_t, mom_t, wd_t)) else None
             if self.rule == "adamw":
                 self.impl(g["params"], grad, st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"],
                           st["steps"], st["master"], g["lr"], g["betas"][0], g["betas"][1], g["eps"],
                           g["weight_decay"], g.get("amsgrad", False), g.get("maximize", False), lr_t, mom_t, sched,
-                          grad_scale, found_inf, clip_coef)
+                          grad_scale, found_inf, clip_coef, wd_t, g.get("decoupled_weight_decay", True))
             elif self.rule == "sgd":
                 self.impl(g["params"], grad, st["bufs"], st["master"], g["lr"], g.get("momentum", 0.0),
                           g.get("dampening", 0.0), g.get("weight_decay", 0.0), g.get("nesterov", False),
                           g.get("maximize", False), st["first"], lr_t, mom_t, sched, grad_scale, found_inf,
-                          clip_coef)
+                          clip_coef, wd_t)
                 if not skipped:
                     st["first"] = False
             else:
                 self.impl(g["params"], grad, st["exp_avgs"], st["master"], g["lr"], g["betas"][0], g["betas"][1],
-                          g["weight_decay"], lr_t, mom_t, sched, grad_scale, found_inf, clip_coef)
+                          g["weight_decay"], lr_t, mom_t, sched, grad_scale, found_inf, clip_coef, wd_t)
         self.schedule_step += 1  # the trainer's counter; the ops never touch it
 
     def states(self):
@@ -415,7 +418,8 @@ CPU_OP_GROUPS = {
 
 
 def run_pair_vs_cpu_op(rule, dtype, steps, *, master=False, sizes=SIZES, skip_steps=(3, 7), seed=1,
-                       device=DEVICE, groups=None):
+                       device=DEVICE, groups=None, wd_tables=False):
+    """wd_tables: every group also gets a weight-decay table (absolute values, shorter than the run)."""
     groups = groups or CPU_OP_GROUPS[rule]
     base = make_params(sizes, dtype, seed, device="cpu")
     idx = split(list(range(len(base))), len(groups))
@@ -425,7 +429,8 @@ def run_pair_vs_cpu_op(rule, dtype, steps, *, master=False, sizes=SIZES, skip_st
         lr_t = [schedule_table(7, 0.5 * hp["lr"], 2 * hp["lr"], dev) for hp in groups]
         mom_t = [None if not hp.get("momentum", hp.get("betas", (0,))[0]) else
                  schedule_table(5, 0.8, 0.9, dev) for hp in groups]
-        r = Runner(rule, impl, gs, lr_tables=lr_t, mom_tables=mom_t, master=master, device=dev)
+        wd_t = [schedule_table(6, 0.0, 0.2, dev) for _ in groups] if wd_tables else None
+        r = Runner(rule, impl, gs, lr_tables=lr_t, mom_tables=mom_t, wd_tables=wd_t, master=master, device=dev)
         if rule == "adamw":  # per-tensor step counts that differ (params added at different times)
             for st in r.state:
                 for k, s in enumerate(st["steps"]):
@@ -456,6 +461,25 @@ def test_bitwise_equal_to_cpu_op(rule, dtype):
             assert_bitwise(p, q, f"{rule} {dtype} param")
     for (name, a), (_, b) in zip(ours.states(), ref.states()):
         assert_bitwise(a, b, f"{rule} {dtype} {name}")
+
+
+# torch.optim.Adam's L2 decay: the same kernel with decoupled_weight_decay=False
+ADAM_L2_GROUPS = [dict(g, decoupled_weight_decay=False) for g in CPU_OP_GROUPS["adamw"]]
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("rule,variant", [("adamw", "decoupled"), ("adamw", "l2"), ("sgd", ""), ("lion", "")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_weight_decay_table_and_l2_bitwise_equal_to_cpu_op(rule, variant, dtype):
+    """weight_decay_table (read at the schedule step, past its end too) and Adam's L2 mode, with every other
+    control on: bit-equal to the CPU op."""
+    groups = ADAM_L2_GROUPS if variant == "l2" else None
+    ours, ref = run_pair_vs_cpu_op(rule, dtype, 9, master=dtype in LOW, groups=groups, wd_tables=True)
+    for g_ours, g_ref in zip(ours.groups, ref.groups):
+        for p, q in zip(g_ours["params"], g_ref["params"]):
+            assert_bitwise(p, q, f"{rule} {variant} {dtype} param")
+    for (name, a), (_, b) in zip(ours.states(), ref.states()):
+        assert_bitwise(a, b, f"{rule} {variant} {dtype} {name}")
 
 
 @needs_cpu_ops
@@ -633,7 +657,7 @@ def test_empty_param_list_is_a_no_op(monkeypatch):
     and a schedule counter stay as they are), and no error."""
     launched = []
     monkeypatch.setattr(launcher, "launch", lambda *args, **kw: launched.append(args))
-    plans_before = list(launcher._PLANS.values())
+    plans_before = list(launcher._LAYOUTS.values())
     found_inf = torch.ones(1, device=DEVICE)
     counter = torch.full((), 3, dtype=torch.int64, device=DEVICE)
     table = torch.ones(4, dtype=torch.float64, device=DEVICE)
@@ -643,7 +667,7 @@ def test_empty_param_list_is_a_no_op(monkeypatch):
                    None) is None
     assert ft.lion_([], [], [], [], 1e-3, 0.9, 0.99, 0.0, table, None, counter, None, found_inf, None) is None
     assert launched == []
-    assert list(launcher._PLANS.values()) == plans_before
+    assert list(launcher._LAYOUTS.values()) == plans_before
     assert float(found_inf) == 1.0 and int(counter) == 3
 
 
@@ -760,7 +784,9 @@ def test_grad_vectors_stay_bounded_when_grads_move_every_step(monkeypatch):
 
 @needs_cpu_ops
 @pytest.mark.parametrize("case", ["grads_len", "state_dtype", "shape", "strides", "table_without_step",
-                                  "table_dtype", "found_inf_dtype", "steps_dtype", "mixed_params"])
+                                  "table_dtype", "found_inf_dtype", "steps_dtype", "mixed_params",
+                                  "wd_table_without_step", "wd_table_dtype", "wd_table_shape", "wd_table_empty",
+                                  "wd_table_strided"])
 def test_bad_arguments_raise_like_the_cpu_op(case):
     """The same checks as op_args.h, with the same messages (compared against the CPU op on CPU tensors)."""
 
@@ -769,7 +795,8 @@ def test_bad_arguments_raise_like_the_cpu_op(case):
         a = dict(params=params, grads=[torch.zeros_like(p) for p in params],
                  exp_avgs=[torch.zeros_like(p) for p in params], exp_avg_sqs=[torch.zeros_like(p) for p in params],
                  steps=[torch.zeros((), dtype=torch.int64, device=dev) for _ in params], lr_table=None,
-                 schedule_step=None, found_inf=None)
+                 schedule_step=None, found_inf=None, wd_table=None)
+        step = torch.zeros((), dtype=torch.int64, device=dev)
         if case == "grads_len":
             a["grads"] = a["grads"][:1]
         elif case == "state_dtype":
@@ -789,11 +816,22 @@ def test_bad_arguments_raise_like_the_cpu_op(case):
             a["steps"][0] = torch.zeros((), device=dev)
         elif case == "mixed_params":
             a["params"][1] = a["params"][1].double()
+        elif case == "wd_table_without_step":
+            a["wd_table"] = torch.ones(3, dtype=torch.float64, device=dev)
+        elif case == "wd_table_dtype":
+            a["wd_table"], a["schedule_step"] = torch.ones(3, device=dev), step
+        elif case == "wd_table_shape":
+            a["wd_table"], a["schedule_step"] = torch.ones(2, 3, dtype=torch.float64, device=dev), step
+        elif case == "wd_table_empty":
+            a["wd_table"], a["schedule_step"] = torch.ones(0, dtype=torch.float64, device=dev), step
+        elif case == "wd_table_strided":
+            a["wd_table"], a["schedule_step"] = torch.ones(6, dtype=torch.float64, device=dev)[::2], step
         return a
 
     def call(impl, a):
         impl(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], [], a["steps"], [], 1e-3, 0.9, 0.999,
-             1e-8, 0.0, False, False, a["lr_table"], None, a["schedule_step"], None, a["found_inf"], None)
+             1e-8, 0.0, False, False, a["lr_table"], None, a["schedule_step"], None, a["found_inf"], None,
+             weight_decay_table=a["wd_table"])
 
     with pytest.raises(RuntimeError) as expected:
         call(torch.ops.fusedopt.adamw_, args("cpu"))
@@ -857,7 +895,7 @@ def test_autotune_benchmarks_only_on_scratch_buffers():
         return [float(len(runs)), 0.0, 0.0]  # the first config "wins"
 
     tuned = triton.autotune(configs=[triton.Config({"BLOCK": 256}), triton.Config({"BLOCK": 512})],
-                            key=launcher.TUNE_KEY + ["AMSGRAD"], pre_hook=launcher.tuning_guard,
+                            key=launcher.TUNE_KEY + ["AMSGRAD", "DECOUPLED"], pre_hook=launcher.tuning_guard,
                             do_bench=fake_bench)(ft_adamw.adamw_kernel)
     params = make_params([(3,), (1025,)], torch.float32, 15)
     grads = make_grads(params, 0, 15)
@@ -868,7 +906,8 @@ def test_autotune_benchmarks_only_on_scratch_buffers():
                              steps, grads, lambda: None)
     ctrl = launcher.controls("test", DEVICE, None, None, None, None, found_inf, None)
     scalars = (1e-2, 0.9, 0.999, 1e-8, 0.0)
-    meta = launcher.kernel_meta(*plan, dict(launcher.common_meta(params, []), AMSGRAD=False, MAXIMIZE=False))
+    meta = launcher.kernel_meta(*plan, dict(launcher.common_meta(params, []), AMSGRAD=False, MAXIMIZE=False,
+                                            DECOUPLED=True))
     before = [t.clone() for t in params + m + v + steps]
     with pytest.raises(Exception, match="benchmark on live tensors"):  # no tuning on a caller's tensors
         tuned[(plan[0].n_rows,)](*launcher.kernel_args(*plan, ctrl, scalars), **meta)
@@ -937,12 +976,13 @@ def test_compiled_kernels_keep_the_cpu_numerics():
 
 def _warmup_cosine_factor(total, warmup, min_factor):
     """transformers' get_cosine_with_min_lr_schedule_with_warmup factor (what warmup_cosine mirrors), held at
-    its value at `total` past the end, as the README says a table holds its last entry."""
+    its value at step total - 1 past the end, as a table of total entries holds its last entry (the schedules'
+    length rule)."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     hf = get_cosine_with_min_lr_schedule_with_warmup(dummy, warmup, total, min_lr_rate=min_factor).lr_lambdas[0]
-    return lambda t: hf(min(t, total))
+    return lambda t: hf(min(t, total - 1))
 
 
 CLASS_CASES = {

@@ -36,12 +36,12 @@ template <typename P, typename S>
 void adamw_typed(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params, double lr,
                  double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
-                 const GradTransform<at::opmath_type<P>>& transform) {
+                 bool decoupled_weight_decay, const GradTransform<at::opmath_type<P>>& transform) {
   using T = at::opmath_type<P>;
   const bool master = !master_params.empty();
   for_each_chunk(params, [&](int64_t i, int64_t begin, int64_t end) {
     const auto s = make_adamw_scalars<T>(lr, beta1, beta2, eps, weight_decay, *steps[i].data_ptr<int64_t>(),
-                                         amsgrad);
+                                         amsgrad, decoupled_weight_decay);
     P* param = params[i].data_ptr<P>() + begin;
     S* mp = master ? master_params[i].data_ptr<S>() + begin : nullptr;
     const P* grad = grads[i].data_ptr<P>() + begin;
@@ -77,14 +77,17 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-               const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+               const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+               const OptionalTensor& weight_decay_table, bool decoupled_weight_decay) {
   if (!check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad,
-                        lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef)) {
+                        lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef,
+                        weight_decay_table)) {
     return;
   }
   const int64_t* step = optional_ptr<int64_t>(schedule_step);
   const double lr_now = read_table(table_view(lr_table, lr), step);
   const double beta1_now = read_table(table_view(beta1_table, beta1), step);
+  const double weight_decay_now = read_table(table_view(weight_decay_table, weight_decay), step);
 
   dispatch_param_state(params[0].scalar_type(), !master_params.empty(), [&](auto p_tag, auto s_tag) {
     using P = typename decltype(p_tag)::type;
@@ -93,7 +96,7 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     if (!read_grad_transform(grad_scale, found_inf, clip_coef, maximize, &transform)) return;
     for (const auto& s : steps) *s.data_ptr<int64_t>() += 1;
     adamw_typed<P, S>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr_now,
-                      beta1_now, beta2, eps, weight_decay, amsgrad, transform);
+                      beta1_now, beta2, eps, weight_decay_now, amsgrad, decoupled_weight_decay, transform);
   });
 }
 

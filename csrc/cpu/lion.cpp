@@ -42,15 +42,16 @@ void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
               double beta1, double beta2, double weight_decay, const OptionalTensor& lr_table,
               const OptionalTensor& beta1_table, const OptionalTensor& schedule_step,
               const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-              const OptionalTensor& clip_coef) {
+              const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table) {
   if (!check_lion_args(params, grads, exp_avgs, master_params, lr_table, beta1_table, schedule_step, grad_scale,
-                       found_inf, clip_coef)) {
+                       found_inf, clip_coef, weight_decay_table)) {
     return;
   }
 
   const int64_t* step = optional_ptr<int64_t>(schedule_step);
   const double lr_now = read_table(table_view(lr_table, lr), step);
   const double beta1_now = read_table(table_view(beta1_table, beta1), step);
+  const double weight_decay_now = read_table(table_view(weight_decay_table, weight_decay), step);
 
   dispatch_param_state(params[0].scalar_type(), !master_params.empty(), [&](auto p_tag, auto s_tag) {
     using P = typename decltype(p_tag)::type;
@@ -58,7 +59,7 @@ void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
     using T = at::opmath_type<P>;
     GradTransform<T> transform;
     if (!read_grad_transform(grad_scale, found_inf, clip_coef, /*maximize=*/false, &transform)) return;
-    const auto s = make_lion_scalars<T>(lr_now, beta1_now, beta2, weight_decay);
+    const auto s = make_lion_scalars<T>(lr_now, beta1_now, beta2, weight_decay_now);
     lion_typed<P, S>(params, grads, exp_avgs, master_params, s, transform);
   });
 }

@@ -49,15 +49,17 @@ void sgd_cpu(TensorList params, TensorList grads, TensorList momentum_buffers, T
              double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
              bool first_step, const OptionalTensor& lr_table, const OptionalTensor& momentum_table,
              const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-             const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+             const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+             const OptionalTensor& weight_decay_table) {
   if (!check_sgd_args(params, grads, momentum_buffers, master_params, lr_table, momentum_table, schedule_step,
-                      grad_scale, found_inf, clip_coef)) {
+                      grad_scale, found_inf, clip_coef, weight_decay_table)) {
     return;
   }
 
   const int64_t* step = optional_ptr<int64_t>(schedule_step);
   const double lr_now = read_table(table_view(lr_table, lr), step);
   const double momentum_now = read_table(table_view(momentum_table, momentum), step);
+  const double weight_decay_now = read_table(table_view(weight_decay_table, weight_decay), step);
   const bool use_momentum = !momentum_buffers.empty();
 
   dispatch_param_state(params[0].scalar_type(), !master_params.empty(), [&](auto p_tag, auto s_tag) {
@@ -66,7 +68,7 @@ void sgd_cpu(TensorList params, TensorList grads, TensorList momentum_buffers, T
     using T = at::opmath_type<P>;
     GradTransform<T> transform;
     if (!read_grad_transform(grad_scale, found_inf, clip_coef, maximize, &transform)) return;
-    const auto s = make_sgd_scalars<T>(lr_now, momentum_now, dampening, weight_decay, use_momentum,
+    const auto s = make_sgd_scalars<T>(lr_now, momentum_now, dampening, weight_decay_now, use_momentum,
                                        first_step, nesterov);
     sgd_typed<P, S>(params, grads, momentum_buffers, master_params, s, transform);
   });

@@ -8,8 +8,9 @@
 // A block's work is split in two:
 //   prepare(args, block, &prep)   once per block (thread 0 on the device, result shared through shared
 //                                 memory): reads found_inf (false: skip the block), grad_scale, clip_coef,
-//                                 the lr / beta1 / momentum tables at *schedule_step, AdamW's step of the
-//                                 block's tensor, and builds the rule's scalars with make_*_scalars.
+//                                 the lr / beta1 / momentum / weight-decay tables at *schedule_step,
+//                                 AdamW's step of the block's tensor, and builds the rule's scalars with
+//                                 make_*_scalars.
 //   rule_block<Rule, P, S>(...)   per thread: walks the block's chunk, ILP elements at a time, calling the
 //                                 rule's per-element update from fusedopt/rules.h.
 // No math is written here: the element updates, the gradient transform and the scalars come from
@@ -128,8 +129,9 @@ struct AdamWRule {
     const int64_t step = *static_cast<const int64_t*>(a.table.ptr[kAdamWStepList][slot]);
     const double lr = read_table(a.ctl.lr, a.ctl.schedule_step);
     const double beta1 = read_table(a.ctl.momentum, a.ctl.schedule_step);
-    out->s = make_adamw_scalars<T>(lr, beta1, a.hyper.beta2, a.hyper.eps, a.hyper.weight_decay, step,
-                                   a.hyper.amsgrad);
+    const double weight_decay = read_table(a.ctl.weight_decay, a.ctl.schedule_step);
+    out->s = make_adamw_scalars<T>(lr, beta1, a.hyper.beta2, a.hyper.eps, weight_decay, step, a.hyper.amsgrad,
+                                   a.hyper.decoupled_weight_decay);
     return true;
   }
   template <typename T>
@@ -155,7 +157,8 @@ struct SGDRule {
     if (!read_grad_transform(a.ctl, a.hyper.maximize, &out->transform)) return false;
     const double lr = read_table(a.ctl.lr, a.ctl.schedule_step);
     const double momentum = read_table(a.ctl.momentum, a.ctl.schedule_step);
-    out->s = make_sgd_scalars<T>(lr, momentum, a.hyper.dampening, a.hyper.weight_decay, a.hyper.use_momentum,
+    const double weight_decay = read_table(a.ctl.weight_decay, a.ctl.schedule_step);
+    out->s = make_sgd_scalars<T>(lr, momentum, a.hyper.dampening, weight_decay, a.hyper.use_momentum,
                                  a.hyper.first_step, a.hyper.nesterov);
     return true;
   }
@@ -183,7 +186,8 @@ struct LionRule {
     if (!read_grad_transform(a.ctl, /*maximize=*/false, &out->transform)) return false;
     const double lr = read_table(a.ctl.lr, a.ctl.schedule_step);
     const double beta1 = read_table(a.ctl.momentum, a.ctl.schedule_step);
-    out->s = make_lion_scalars<T>(lr, beta1, a.hyper.beta2, a.hyper.weight_decay);
+    const double weight_decay = read_table(a.ctl.weight_decay, a.ctl.schedule_step);
+    out->s = make_lion_scalars<T>(lr, beta1, a.hyper.beta2, weight_decay);
     return true;
   }
   template <typename T>

@@ -42,41 +42,43 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                 const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                 const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-                const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+                const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+                const OptionalTensor& weight_decay_table, bool decoupled_weight_decay) {
   check_cuda_params("fusedopt::adamw_", params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
   adamw_impl(launcher, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1,
              beta2, eps, weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale,
-             found_inf, clip_coef);
+             found_inf, clip_coef, weight_decay_table, decoupled_weight_decay);
 }
 
 void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList master_params,
               double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
               bool first_step, const OptionalTensor& lr_table, const OptionalTensor& momentum_table,
               const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-              const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+              const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+              const OptionalTensor& weight_decay_table) {
   check_cuda_params("fusedopt::sgd_", params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
   sgd_impl(launcher, params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay,
            nesterov, maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
-           clip_coef);
+           clip_coef, weight_decay_table);
 }
 
 void lion_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList master_params, double lr,
                double beta1, double beta2, double weight_decay, const OptionalTensor& lr_table,
                const OptionalTensor& beta1_table, const OptionalTensor& schedule_step,
                const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-               const OptionalTensor& clip_coef) {
+               const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table) {
   check_cuda_params("fusedopt::lion_", params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
   lion_impl(launcher, params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table,
-            beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+            beta1_table, schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table);
 }
 
 }  // namespace

@@ -57,6 +57,7 @@ struct Controls {
   const int64_t* schedule_step;   // null: no table (the TableViews then hold only fallbacks)
   TableView lr;                   // lr table, or the group's lr as fallback
   TableView momentum;             // beta1 / momentum table, or the group's value as fallback
+  TableView weight_decay;         // weight-decay table, or the group's weight_decay as fallback
   int64_t chunk_size;             // kChunkSize on the device; smaller in host tests
 };
 
@@ -64,14 +65,13 @@ struct Controls {
 struct AdamWHyper {
   double beta2;
   double eps;
-  double weight_decay;
   bool amsgrad;
   bool maximize;
+  bool decoupled_weight_decay;  // false: torch.optim.Adam's L2 decay
 };
 
 struct SGDHyper {
   double dampening;
-  double weight_decay;
   bool nesterov;
   bool maximize;
   bool first_step;
@@ -80,7 +80,6 @@ struct SGDHyper {
 
 struct LionHyper {
   double beta2;
-  double weight_decay;
 };
 
 template <int kLists, int kMaxTensors>

@@ -31,7 +31,8 @@ namespace cuda {
 inline Controls make_controls(const OptionalTensor& lr_table, double lr, const OptionalTensor& momentum_table,
                               double momentum, const OptionalTensor& schedule_step,
                               const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-                              const OptionalTensor& clip_coef) {
+                              const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table,
+                              double weight_decay) {
   Controls c;
   c.found_inf = optional_ptr<float>(found_inf);
   c.grad_scale = optional_ptr<float>(grad_scale);
@@ -39,6 +40,7 @@ inline Controls make_controls(const OptionalTensor& lr_table, double lr, const O
   c.schedule_step = optional_ptr<int64_t>(schedule_step);
   c.lr = table_view(lr_table, lr);
   c.momentum = table_view(momentum_table, momentum);
+  c.weight_decay = table_view(weight_decay_table, weight_decay);
   c.chunk_size = kChunkSize;
   return c;
 }
@@ -73,15 +75,18 @@ void adamw_impl(Launcher& launcher, TensorList params, TensorList grads, TensorL
                 double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                 bool maximize, const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                 const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-                const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+                const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+                const OptionalTensor& weight_decay_table, bool decoupled_weight_decay) {
   if (!check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, amsgrad,
-                        lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef)) {
+                        lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef,
+                        weight_decay_table)) {
     return;
   }
 
   AdamWArgs args{};
-  args.ctl = make_controls(lr_table, lr, beta1_table, beta1, schedule_step, grad_scale, found_inf, clip_coef);
-  args.hyper = AdamWHyper{beta2, eps, weight_decay, amsgrad, maximize};
+  args.ctl = make_controls(lr_table, lr, beta1_table, beta1, schedule_step, grad_scale, found_inf, clip_coef,
+                           weight_decay_table, weight_decay);
+  args.hyper = AdamWHyper{beta2, eps, amsgrad, maximize, decoupled_weight_decay};
 
   // 1. The step counters (+1 unless found_inf), before the update kernel that reads them.
   std::vector<int64_t*> step_ptrs(steps.size());
@@ -116,17 +121,18 @@ void sgd_impl(Launcher& launcher, TensorList params, TensorList grads, TensorLis
               TensorList master_params, double lr, double momentum, double dampening, double weight_decay,
               bool nesterov, bool maximize, bool first_step, const OptionalTensor& lr_table,
               const OptionalTensor& momentum_table, const OptionalTensor& schedule_step,
-              const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+              const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+              const OptionalTensor& weight_decay_table) {
   if (!check_sgd_args(params, grads, momentum_buffers, master_params, lr_table, momentum_table, schedule_step,
-                      grad_scale, found_inf, clip_coef)) {
+                      grad_scale, found_inf, clip_coef, weight_decay_table)) {
     return;
   }
 
   const bool use_momentum = !momentum_buffers.empty();
   SGDArgs args{};
   args.ctl = make_controls(lr_table, lr, momentum_table, momentum, schedule_step, grad_scale, found_inf,
-                           clip_coef);
-  args.hyper = SGDHyper{dampening, weight_decay, nesterov, maximize, first_step, use_momentum};
+                           clip_coef, weight_decay_table, weight_decay);
+  args.hyper = SGDHyper{dampening, nesterov, maximize, first_step, use_momentum};
 
   const bool master = !master_params.empty();
   PointerTable table(params, kSGDLists);
@@ -151,15 +157,17 @@ void lion_impl(Launcher& launcher, TensorList params, TensorList grads, TensorLi
                TensorList master_params, double lr, double beta1, double beta2, double weight_decay,
                const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-               const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+               const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+               const OptionalTensor& weight_decay_table) {
   if (!check_lion_args(params, grads, exp_avgs, master_params, lr_table, beta1_table, schedule_step, grad_scale,
-                       found_inf, clip_coef)) {
+                       found_inf, clip_coef, weight_decay_table)) {
     return;
   }
 
   LionArgs args{};
-  args.ctl = make_controls(lr_table, lr, beta1_table, beta1, schedule_step, grad_scale, found_inf, clip_coef);
-  args.hyper = LionHyper{beta2, weight_decay};
+  args.ctl = make_controls(lr_table, lr, beta1_table, beta1, schedule_step, grad_scale, found_inf, clip_coef,
+                           weight_decay_table, weight_decay);
+  args.hyper = LionHyper{beta2};
 
   const bool master = !master_params.empty();
   PointerTable table(params, kLionLists);

@@ -96,15 +96,17 @@ inline void check_table(const char* op, const char* name, const OptionalTensor& 
 inline void check_controls(const char* op, TensorList params, const OptionalTensor& lr_table,
                            const OptionalTensor& momentum_table, const OptionalTensor& schedule_step,
                            const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-                           const OptionalTensor& clip_coef) {
+                           const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table) {
   if (params.empty()) return;
   const auto device = params[0].device();
   check_table(op, "lr_table", lr_table, device);
   check_table(op, "momentum table", momentum_table, device);
+  check_table(op, "weight_decay_table", weight_decay_table, device);
   // Without a counter a table is read at entry 0: right for a one-entry table (a tensor lr), a bug otherwise.
   const auto stepped = [](const OptionalTensor& t) { return t.has_value() && t->numel() > 1; };
-  TORCH_CHECK(!(stepped(lr_table) || stepped(momentum_table)) || schedule_step.has_value(), op,
-              ": a schedule table of more than one entry needs schedule_step");
+  TORCH_CHECK(!(stepped(lr_table) || stepped(momentum_table) || stepped(weight_decay_table)) ||
+                  schedule_step.has_value(),
+              op, ": a schedule table of more than one entry needs schedule_step");
   check_scalar_tensor(op, "schedule_step", schedule_step, device, at::kLong);
   check_scalar_tensor(op, "grad_scale", grad_scale, device, at::kFloat);
   check_scalar_tensor(op, "found_inf", found_inf, device, at::kFloat);
@@ -129,7 +131,8 @@ inline bool check_adamw_args(TensorList params, TensorList grads, TensorList exp
                              TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params, bool amsgrad,
                              const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                              const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-                             const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+                             const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+                             const OptionalTensor& weight_decay_table) {
   constexpr const char* op = "fusedopt::adamw_";
   check_params(op, params);
   if (params.empty()) return false;
@@ -146,7 +149,8 @@ inline bool check_adamw_args(TensorList params, TensorList grads, TensorList exp
                     steps[i].device() == params[0].device(),
                 op, ": steps[", i, "] must be a one-element int64 tensor on the params' device");
   }
-  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef,
+                 weight_decay_table);
   return true;
 }
 
@@ -154,7 +158,7 @@ inline bool check_sgd_args(TensorList params, TensorList grads, TensorList momen
                            TensorList master_params, const OptionalTensor& lr_table,
                            const OptionalTensor& momentum_table, const OptionalTensor& schedule_step,
                            const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-                           const OptionalTensor& clip_coef) {
+                           const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table) {
   constexpr const char* op = "fusedopt::sgd_";
   check_params(op, params);
   if (params.empty()) return false;
@@ -162,14 +166,16 @@ inline bool check_sgd_args(TensorList params, TensorList grads, TensorList momen
   check_list(op, "grads", params, grads, true, params[0].scalar_type());
   check_list(op, "momentum_buffers", params, momentum_buffers, false, sdtype);
   check_list(op, "master_params", params, master_params, false, at::kFloat);
-  check_controls(op, params, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef);
+  check_controls(op, params, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
+                 weight_decay_table);
   return true;
 }
 
 inline bool check_lion_args(TensorList params, TensorList grads, TensorList exp_avgs, TensorList master_params,
                             const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                             const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-                            const OptionalTensor& found_inf, const OptionalTensor& clip_coef) {
+                            const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+                            const OptionalTensor& weight_decay_table) {
   constexpr const char* op = "fusedopt::lion_";
   check_params(op, params);
   if (params.empty()) return false;
@@ -177,7 +183,8 @@ inline bool check_lion_args(TensorList params, TensorList grads, TensorList exp_
   check_list(op, "grads", params, grads, true, params[0].scalar_type());
   check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
   check_list(op, "master_params", params, master_params, false, at::kFloat);
-  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+  check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef,
+                 weight_decay_table);
   return true;
 }
 

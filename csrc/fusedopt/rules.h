@@ -70,11 +70,13 @@ FUSEDOPT_HD double power(double base, int64_t exponent) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// AdamW (torch.optim.AdamW, single-tensor)
+// AdamW (torch.optim.AdamW, single-tensor) and Adam (torch.optim.Adam, single-tensor): one rule, the weight
+// decay either decoupled (AdamW: p *= 1 - lr * wd) or added to the gradient (Adam's L2: g = g + wd * p).
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
 struct AdamWScalars {
-  T decay;                  // 1 - lr * weight_decay
+  T decay;                  // decoupled: 1 - lr * weight_decay; L2: 1 (exact, the param is not decayed)
+  T l2_weight_decay;        // L2: weight_decay; decoupled: 0 (torch.optim.Adam skips the add when it is 0)
   T beta2;
   T one_minus_beta1;        // lerp weight
   T one_minus_beta2;
@@ -85,14 +87,17 @@ struct AdamWScalars {
   bool lerp_small_weight;  // lerp_weight_is_small(one_minus_beta1)
 };
 
-// lr and beta1 are the values for this step (the schedule may have replaced them); step counts from 1.
+// lr, beta1 and weight_decay are the values for this step (the schedule tables may have replaced them); step
+// counts from 1. decoupled_weight_decay: true for torch.optim.AdamW, false for torch.optim.Adam's L2 decay.
 template <typename T>
 FUSEDOPT_HD AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double beta2, double eps,
-                                               double weight_decay, int64_t step, bool amsgrad) {
+                                               double weight_decay, int64_t step, bool amsgrad,
+                                               bool decoupled_weight_decay) {
   const double bias_correction1 = 1.0 - power(beta1, step);
   const double bias_correction2 = 1.0 - power(beta2, step);
   AdamWScalars<T> s;
-  s.decay = static_cast<T>(1.0 - lr * weight_decay);
+  s.decay = decoupled_weight_decay ? static_cast<T>(1.0 - lr * weight_decay) : T(1);
+  s.l2_weight_decay = decoupled_weight_decay ? T(0) : static_cast<T>(weight_decay);
   s.beta2 = static_cast<T>(beta2);
   s.one_minus_beta1 = static_cast<T>(1.0 - beta1);
   s.one_minus_beta2 = static_cast<T>(1.0 - beta2);
@@ -107,6 +112,9 @@ FUSEDOPT_HD AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double b
 // One element. `max_v` is read and written only when amsgrad is set.
 template <typename T>
 FUSEDOPT_HD void adamw_update(T& p, T g, T& m, T& v, T& max_v, const AdamWScalars<T>& s) {
+  // Adam's L2 decay, on the (maximize-negated) gradient and the pre-update param; a select, so the loop
+  // stays branch-free, and skipped at 0 like torch (0 * inf would turn an inf param's gradient into NaN)
+  g = s.l2_weight_decay != T(0) ? g + s.l2_weight_decay * p : g;
   p = p * s.decay;
   m = lerp(m, g, s.one_minus_beta1, s.lerp_small_weight);
   v = v * s.beta2;

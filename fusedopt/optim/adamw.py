@@ -6,42 +6,76 @@ from typing import Optional, Tuple
 
 import torch
 
-from fusedopt.optim._base import FusedOptimizer, check_betas, check_number
+from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._validation import (check_adam_step_betas, check_betas, check_bool, check_number,
+                                        check_step_pair, check_step_value, check_tensor_hyperparameter_flags)
 from fusedopt.schedules import ScheduleTable
+
+
+def _scalar_betas(betas):
+    """torch.optim.Adam's handling: a list becomes a tuple, a one-element tensor a 0-dim one."""
+    if isinstance(betas, (tuple, list)):
+        return tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
+    return betas
 
 
 class FusedAdamW(FusedOptimizer):
     """AdamW with decoupled weight decay; same defaults, state keys and update as ``torch.optim.AdamW``.
 
-    Args beyond torch's:
-        schedule: a :class:`fusedopt.schedules.ScheduleTable`; its lr factors multiply each group's ``lr`` and
-            its momentum values (if any) replace ``betas[0]``. Read on the device at every step.
+    Takes every argument of ``torch.optim.AdamW`` (same positions and keywords). ``lr`` and ``betas`` may be
+    one-element tensors, as in torch (read on the device at every step; a CPU tensor with GPU params is read on
+    the host). torch's implementation switches ``foreach``, ``fused`` and ``capturable`` are accepted and
+    recorded in the param groups (fusedopt always runs one fused, capturable kernel per group) with torch's
+    checks of their combinations; ``differentiable=True`` raises RuntimeError (the kernels update params in
+    place outside autograd).
+
+    Args beyond torch's (keyword-only):
+        schedule: a :class:`fusedopt.schedules.ScheduleTable`; its lr factors multiply each group's base lr
+            (``initial_lr``) and its momentum values (if any) replace ``betas[0]``. Read on the device at every
+            step; ``param_groups`` show the values of the next step.
         backend: "auto", "cpu", "cuda" or "triton" (see fusedopt.backends).
         max_grad_norm, norm_type: clip the global grad norm inside the step (like clip_grad_norm_).
         master_weights: keep float32 master params and states for bfloat16 / float16 params.
+
+    Raises ValueError (torch's messages: ``Invalid learning rate: -1.0``, ``Invalid beta parameter at index 0``,
+    ...) for bad hyperparameters at construction, TypeError for params that are not an iterable of tensors,
+    dicts or (name, tensor) pairs, fusedopt.BackendUnavailable when no backend runs on the params' device.
     """
 
     rule = "adamw"
+    torch_name = "AdamW"
     state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     momentum_slot = ("betas", 0)
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False, *,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None,
                  schedule: Optional[ScheduleTable] = None, backend: str = "auto",
                  max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        defaults = dict(lr=lr, betas=_scalar_betas(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused)
         super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, master_weights=master_weights)
 
-    def _check_group(self, group: dict) -> None:
-        check_number("learning rate", group["lr"], minimum=0.0, allow_tensor=True)
-        check_betas(group["betas"])
-        check_number("epsilon value", group["eps"], minimum=0.0)
-        check_number("weight_decay value", group["weight_decay"], minimum=0.0)
+    def _check_group(self, group: dict, strict: bool = True) -> None:
+        if not strict:
+            check_step_value("learning rate", group["lr"])
+            check_step_pair("beta parameter", group["betas"])
+            check_step_value("epsilon value", group["eps"])
+            check_step_value("weight_decay value", group["weight_decay"])
+            check_adam_step_betas(group["betas"])
+        else:  # torch.optim.Adam.__init__'s checks, in its order
+            check_tensor_hyperparameter_flags("lr", group["lr"], group)
+            check_number("learning rate", group["lr"], minimum=0.0, allow_tensor=True, tensor_name="lr")
+            check_number("epsilon value", group["eps"], minimum=0.0)
+            check_betas(group["betas"])
+            check_number("weight_decay value", group["weight_decay"], minimum=0.0)
+            for i, beta in enumerate(group["betas"]):
+                check_tensor_hyperparameter_flags(f"betas[{i}]", beta, group)
         for flag in ("amsgrad", "maximize"):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"{flag} must be a bool, got {group[flag]!r}")
+            check_bool(flag, group[flag])
 
     def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         dtype = self._state_dtype(p)
@@ -52,7 +86,7 @@ class FusedAdamW(FusedOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
-                      found_inf, clip_coef) -> None:
+                      found_inf, clip_coef, *, weight_decay_table=None) -> None:
         states = batch.states
         amsgrad = group["amsgrad"]
         if amsgrad:
@@ -60,9 +94,18 @@ class FusedAdamW(FusedOptimizer):
                 if "max_exp_avg_sq" not in s:
                     s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
         beta1, beta2 = group["betas"]
+        # beta1 is read from momentum_table when there is one (a schedule column, or a tensor beta1)
+        beta1 = 0.0 if momentum_table is not None else self._number(beta1)
+        # likewise the weight decay, from a table's weight-decay column when there is one
+        weight_decay = 0.0 if weight_decay_table is not None else self._number(group["weight_decay"])
         backend.adamw_(
             batch.params, batch.grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
             [s["master_param"] for s in states if "master_param" in s],
-            lr, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]), amsgrad,
-            group["maximize"], lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef)
+            lr, beta1, self._number(beta2), self._number(group["eps"]), weight_decay,
+            amsgrad, group["maximize"], lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
+            weight_decay_table=weight_decay_table, decoupled_weight_decay=self._decoupled_weight_decay(group))
+
+    def _decoupled_weight_decay(self, group: dict) -> bool:
+        """AdamW's decay (p *= 1 - lr*wd) always; FusedAdam reads its group's decoupled_weight_decay."""
+        return True

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from fusedopt.optim._base import FusedOptimizer, check_number
+from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._validation import check_bool, check_number, check_step_value
 from fusedopt.schedules import ScheduleTable
 
 
@@ -14,41 +15,57 @@ class FusedSGD(FusedOptimizer):
     """SGD with the semantics of ``torch.optim.SGD``: the momentum buffer is created on a param's first step
     as a copy of its (weight-decayed) gradient, without dampening; Nesterov needs momentum > 0 and zero
     dampening. With a schedule, its momentum values (if any) replace ``momentum``.
+
+    Takes every argument of ``torch.optim.SGD`` (``foreach``, ``fused`` and ``differentiable`` as torch.optim.AdamW's
+    are handled, see :class:`fusedopt.FusedAdamW`); ``lr``, ``momentum`` and ``weight_decay`` may be one-element
+    tensors (a momentum tensor on a GPU always takes the momentum path: reading whether it is 0 would sync).
     See :class:`fusedopt.FusedAdamW` for ``schedule``, ``backend``, ``max_grad_norm`` and ``master_weights``.
     """
 
     rule = "sgd"
+    torch_name = "SGD"
     state_keys = ("momentum_buffer",)
     momentum_slot = ("momentum",)
     _splits_first_step = True
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False, *,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  schedule: Optional[ScheduleTable] = None, backend: str = "auto",
                  max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
-        self._schedule_has_momentum = schedule is not None and getattr(schedule, "momentum", None) is not None
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
         super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, master_weights=master_weights)
 
-    def _check_group(self, group: dict) -> None:
-        check_number("learning rate", group["lr"], minimum=0.0, allow_tensor=True)
-        check_number("momentum value", group["momentum"], minimum=0.0)
-        check_number("dampening value", group["dampening"])
-        check_number("weight_decay value", group["weight_decay"], minimum=0.0)
+    def _check_group(self, group: dict, strict: bool = True) -> None:
+        if not strict:
+            for key, name in (("lr", "learning rate"), ("momentum", "momentum value"),
+                              ("dampening", "dampening value"), ("weight_decay", "weight_decay value")):
+                check_step_value(name, group[key])
+        else:  # torch.optim.SGD.__init__'s checks, in its order (and finiteness, and dampening)
+            check_number("learning rate", group["lr"], minimum=0.0, allow_tensor=True, tensor_name="lr")
+            check_number("momentum value", group["momentum"], minimum=0.0, allow_tensor=True, tensor_name="momentum")
+            check_number("weight_decay value", group["weight_decay"], minimum=0.0, allow_tensor=True,
+                         tensor_name="weight_decay")
+            check_number("dampening value", group["dampening"])
         for flag in ("nesterov", "maximize"):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"{flag} must be a bool, got {group[flag]!r}")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            check_bool(flag, group[flag])
+        if strict and group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"Nesterov momentum requires a momentum and zero dampening (got momentum="
                              f"{group['momentum']}, dampening={group['dampening']})")
 
-    def _uses_momentum(self, group: dict) -> bool:
-        return group["momentum"] != 0 or self._schedule_has_momentum
+    def _uses_momentum(self, group_index: int, group: dict) -> bool:
+        if self._table_has_momentum(group_index):
+            return True
+        momentum = group["momentum"]
+        if isinstance(momentum, torch.Tensor) and momentum.device.type != "cpu":
+            return True
+        return float(momentum) != 0
 
-    def _group_splits_first_step(self, group: dict) -> bool:
-        return self._uses_momentum(group)
+    def _group_splits_first_step(self, group_index: int, group: dict) -> bool:
+        return self._uses_momentum(group_index, group)
 
     @staticmethod
     def _is_first_step(state) -> bool:
@@ -58,17 +75,20 @@ class FusedSGD(FusedOptimizer):
         pass  # the momentum buffer is created in _call_backend, on the param's first step with momentum
 
     def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
-                      found_inf, clip_coef) -> None:
+                      found_inf, clip_coef, *, weight_decay_table=None) -> None:
         states = batch.states
-        use_momentum = self._uses_momentum(group)
+        use_momentum = self._uses_momentum(batch.group_index, group)
         if use_momentum and batch.first_step:
             for s, p in zip(states, batch.params):
                 # zeros, not empty: if GradScaler skips this step the buffer must not hold garbage
                 s["momentum_buffer"] = torch.zeros_like(p, dtype=self._state_dtype(p),
                                                         memory_format=torch.preserve_format)
+        # momentum is read from momentum_table when there is one (a schedule column, or a tensor momentum)
+        momentum = 0.0 if momentum_table is not None else self._number(group["momentum"])
+        weight_decay = 0.0 if weight_decay_table is not None else self._number(group["weight_decay"])
         backend.sgd_(
             batch.params, batch.grads, [s["momentum_buffer"] for s in states] if use_momentum else [],
             [s["master_param"] for s in states if "master_param" in s],
-            lr, float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
+            lr, momentum, self._number(group["dampening"]), weight_decay,
             group["nesterov"], group["maximize"], batch.first_step, lr_table, momentum_table, schedule_step,
-            grad_scale, found_inf, clip_coef)
+            grad_scale, found_inf, clip_coef, weight_decay_table=weight_decay_table)

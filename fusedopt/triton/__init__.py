@@ -1,7 +1,8 @@
 """fusedopt's Triton backend: fused AdamW / SGD / Lion updates as Triton kernels.
 
-The three functions have the positional signatures of the ops in csrc/ops.cpp (``adamw_``, ``sgd_``,
-``lion_``) and their in-place semantics, and are plugged in by fusedopt.backends. One call is one kernel
+The three functions have the signatures of the ops in csrc/ops.cpp (``adamw_``, ``sgd_``, ``lion_``; the
+trailing ``weight_decay_table`` / ``decoupled_weight_decay`` with the same defaults, positional or by keyword)
+and their in-place semantics, and are plugged in by fusedopt.backends. One call is one kernel
 launch over every tensor of the lists (a cached device-side work table, see launcher.py); the schedule
 tables, the schedule step, the AdamW step counts, found_inf, grad_scale and clip_coef are all read on the
 device, so a call never synchronizes with the host and can be captured in a CUDA graph.
@@ -38,26 +39,28 @@ def is_available() -> Tuple[bool, str]:
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1, beta2, eps,
            weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
-           clip_coef) -> None:
+           clip_coef, weight_decay_table=None, decoupled_weight_decay=True) -> None:
     from fusedopt.triton import adamw
 
     adamw.adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1, beta2,
                  eps, weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale,
-                 found_inf, clip_coef)
+                 found_inf, clip_coef, weight_decay_table, decoupled_weight_decay)
 
 
 def sgd_(params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay, nesterov,
-         maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef) -> None:
+         maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
+         weight_decay_table=None) -> None:
     from fusedopt.triton import sgd
 
     sgd.sgd_(params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay, nesterov,
-             maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef)
+             maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
+             weight_decay_table)
 
 
 def lion_(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table, beta1_table,
-          schedule_step, grad_scale, found_inf, clip_coef) -> None:
+          schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table=None) -> None:
     from fusedopt.triton import lion
 
     lion.lion_(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table, beta1_table,
-               schedule_step, grad_scale, found_inf, clip_coef)
+               schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table)
 

@@ -221,20 +221,23 @@ def read_table(table_ptr, table_len, step, fallback):
 
 @device_function
 def read_controls(schedule_step_ptr, lr_table_ptr, lr_table_len, mom_table_ptr, mom_table_len,
-                  grad_scale_ptr, found_inf_ptr, clip_coef_ptr, lr, mom, T_DTYPE: tl.constexpr):
+                  grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, mom, wd,
+                  T_DTYPE: tl.constexpr):
     """Everything a call reads from device memory besides the tensors themselves, read by every program:
-    the scheduled lr and momentum/beta1 (float64), whether the step runs (found_inf == 0) and the gradient
-    factors of multi_tensor_cpu.h read_grad_transform(), rounded to the math type.
+    the scheduled lr, momentum/beta1 and weight decay (float64), whether the step runs (found_inf == 0) and
+    the gradient factors of multi_tensor_cpu.h read_grad_transform(), rounded to the math type.
 
     Every pointer is valid: a control the call does not have points at a neutral dummy (launcher.controls():
-    schedule step 0, grad_scale 1, found_inf 0, clip_coef 1), whose factors are exact (g * 1.0 == g). So
-    GradScaler, clipping or a schedule switched on between two calls select no other compiled kernel, which
-    matters under CUDA-graph capture (a kernel first loaded while a stream is capturing is an error)."""
+    schedule step 0, grad_scale 1, found_inf 0, clip_coef 1, tables of length 0), whose factors are exact
+    (g * 1.0 == g). So GradScaler, clipping or a schedule switched on between two calls select no other
+    compiled kernel, which matters under CUDA-graph capture (a kernel first loaded while a stream is capturing
+    is an error)."""
     step = tl.load(schedule_step_ptr).to(tl.int64)
     lr_now = read_table(lr_table_ptr, lr_table_len, step, lr)
     mom_now = read_table(mom_table_ptr, mom_table_len, step, mom)
+    wd_now = read_table(wd_table_ptr, wd_table_len, step, wd)
     live = tl.load(found_inf_ptr) == 0.0  # C++: skip when *found_inf != 0.0f (NaN skips too)
     # GradScaler's float32 reciprocal of the scale, computed in double: float(1.0 / double(scale))
     inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32).to(T_DTYPE)
     clip_coef = tl.load(clip_coef_ptr).to(T_DTYPE)
-    return lr_now, mom_now, live, inv_scale, clip_coef
+    return lr_now, mom_now, wd_now, live, inv_scale, clip_coef

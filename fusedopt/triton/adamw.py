@@ -1,4 +1,5 @@
-"""fusedopt::adamw_ as one Triton launch per call (torch.optim.AdamW, single-tensor semantics).
+"""fusedopt::adamw_ as one Triton launch per call (torch.optim.AdamW, single-tensor semantics; with
+decoupled_weight_decay=False, torch.optim.Adam's L2 weight decay).
 
 Mirrors csrc/fusedopt/rules.h make_adamw_scalars() / adamw_update() and csrc/cpu/adamw.cpp line by line.
 Per program: read the controls and the schedule (_jit.read_controls), read this row's tensor step and add its
@@ -17,11 +18,11 @@ from fusedopt.triton import launcher as L
 
 @J.device_function
 def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, mask,
-                    inv_scale, clip_coef, decay, beta2, one_minus_beta1, one_minus_beta2, neg_step_size,
-                    bias_correction2_sqrt, eps,
+                    inv_scale, clip_coef, decay, l2_weight_decay, beta2, one_minus_beta1, one_minus_beta2,
+                    neg_step_size, bias_correction2_sqrt, eps,
                     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
                     HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                    ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
+                    DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
     p = J.load_param(p_addr, master_addr, offs, mask, P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
     g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
                          inv_scale, clip_coef, MAXIMIZE)
@@ -29,6 +30,8 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs
     v = J.load_elems(v_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
 
     # rules.h adamw_update(), same operations in the same order
+    if not DECOUPLED:  # Adam's L2 decay (l2_weight_decay is 0 and decay 1 in AdamW mode, as in rules.h)
+        g = tl.where(l2_weight_decay != 0, g + l2_weight_decay * p, g)
     p = p * decay
     m = J.lerp(m, g, one_minus_beta1)
     v = v * beta2
@@ -51,17 +54,17 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs
 def adamw_kernel(
     rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, beta1_table_ptr, beta1_table_len: tl.int64, schedule_step_ptr,
-    grad_scale_ptr, found_inf_ptr, clip_coef_ptr,
+    grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
     lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
-    BLOCK: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr,
+    SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = J.row_ptr(rows_ptr)
-    lr_now, beta1_now, live, inv_scale, clip_coef = J.read_controls(
+    lr_now, beta1_now, wd_now, live, inv_scale, clip_coef = J.read_controls(
         schedule_step_ptr, lr_table_ptr, lr_table_len, beta1_table_ptr, beta1_table_len,
-        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, lr, beta1, T_DTYPE)
+        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, beta1, weight_decay, T_DTYPE)
 
     # adamw.cpp: `*steps[i] += 1` for every entry of the list happens before make_adamw_scalars reads it.
     # Every program of the tensor reads the old value here and adds the increment the op will make (the
@@ -77,7 +80,12 @@ def adamw_kernel(
     beta1_pow, beta2_pow = J.power2(beta1_now, beta2_64, step)
     bias_correction1 = 1.0 - beta1_pow
     bias_correction2 = 1.0 - beta2_pow
-    decay = (1.0 - lr_now * J.f64(weight_decay)).to(T_DTYPE)
+    if DECOUPLED:
+        decay = (1.0 - lr_now * wd_now).to(T_DTYPE)
+        l2_weight_decay = tl.full((), 0.0, T_DTYPE)
+    else:
+        decay = tl.full((), 1.0, T_DTYPE)
+        l2_weight_decay = wd_now.to(T_DTYPE)
     beta2_t = beta2_64.to(T_DTYPE)
     one_minus_beta1 = (1.0 - beta1_now).to(T_DTYPE)
     one_minus_beta2 = (1.0 - beta2_64).to(T_DTYPE)
@@ -96,15 +104,15 @@ def adamw_kernel(
     for start in range(0, n_full, BLOCK):  # full blocks: no mask, 128-bit accesses when ALIGNED
         offs = start + tl.arange(0, BLOCK)
         _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, None,
-                        inv_scale, clip_coef, decay, beta2_t, one_minus_beta1, one_minus_beta2, neg_step_size,
-                        bias_correction2_sqrt, eps_t,
-                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, ALIGNED, SOFT_BF16)
+                        inv_scale, clip_coef, decay, l2_weight_decay, beta2_t, one_minus_beta1, one_minus_beta2,
+                        neg_step_size, bias_correction2_sqrt, eps_t,
+                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16)
     for start in range(n_full, n, BLOCK):  # the tail: at most one masked block
         offs = start + tl.arange(0, BLOCK)
         _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, offs < n,
-                        inv_scale, clip_coef, decay, beta2_t, one_minus_beta1, one_minus_beta2, neg_step_size,
-                        bias_correction2_sqrt, eps_t,
-                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, ALIGNED, SOFT_BF16)
+                        inv_scale, clip_coef, decay, l2_weight_decay, beta2_t, one_minus_beta1, one_minus_beta2,
+                        neg_step_size, bias_correction2_sqrt, eps_t,
+                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16)
 
     # The step increments. A program may only write a step once no program will read it any more, so the
     # last program to get here does all of them (PyTorch's mark_block_finished pattern): the barrier makes
@@ -130,13 +138,13 @@ def adamw_kernel(
 
 _tuned = None
 if not L.INTERPRET:
-    _tuned = triton.autotune(configs=L.CONFIGS, key=L.TUNE_KEY + ["AMSGRAD"], pre_hook=L.tuning_guard,
-                             do_bench=L.bench)(adamw_kernel)
+    _tuned = triton.autotune(configs=L.CONFIGS, key=L.TUNE_KEY + ["AMSGRAD", "DECOUPLED"],
+                             pre_hook=L.tuning_guard, do_bench=L.bench)(adamw_kernel)
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1, beta2, eps,
            weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
-           clip_coef) -> None:
+           clip_coef, weight_decay_table=None, decoupled_weight_decay=True) -> None:
     """fusedopt::adamw_ (csrc/ops.cpp) on the Triton backend; same arguments, same in-place semantics."""
     op = "fusedopt::adamw_"
     L.check_params(op, params)
@@ -161,7 +169,8 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_
         L.check_steps(op, params, steps)
     layout, grad_vector = L.get_plan(op, fields, steps, grads, validate)
     ctrl = L.controls(op, params[0].device, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
-                      clip_coef)
-    meta = dict(L.common_meta(params, master_params), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize))
+                      clip_coef, weight_decay_table)
+    meta = dict(L.common_meta(params, master_params), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+                DECOUPLED=bool(decoupled_weight_decay))
     scalars = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
     L.launch(adamw_kernel, _tuned, layout, grad_vector, ctrl, scalars, meta)

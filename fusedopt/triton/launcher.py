@@ -106,8 +106,8 @@ def jit_options(int_args: Sequence[str] = (), pointer_args: Sequence[str] = ()) 
     of one entry, 16 tensors, a control tensor that is a view), and a new kernel first met during CUDA-graph
     capture could not be loaded. The work-table pointers keep their specialization: the launcher allocates
     them, always aligned."""
-    ints = ["n_tensors", "lr_table_len", "SIZE_CLASS", *int_args]
-    pointers = ["lr_table_ptr", "schedule_step_ptr", "grad_scale_ptr", "found_inf_ptr", "clip_coef_ptr",
+    ints = ["n_tensors", "lr_table_len", "wd_table_len", "SIZE_CLASS", *int_args]
+    pointers = ["lr_table_ptr", "wd_table_ptr", "schedule_step_ptr", "grad_scale_ptr", "found_inf_ptr", "clip_coef_ptr",
                 *pointer_args]
     return dict(do_not_specialize=ints, do_not_specialize_on_alignment=pointers)
 
@@ -281,13 +281,15 @@ class Controls:
 
 
 def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, grad_scale, found_inf,
-             clip_coef) -> Controls:
+             clip_coef, wd_table=None) -> Controls:
     """check_controls() of op_args.h, then the kernel arguments: (lr_table, lr_table_len, mom_table,
-    mom_table_len, schedule_step, grad_scale, found_inf, clip_coef). A missing table has length 0 (the kernel
-    then reads the group's value); the other missing controls are dummies with neutral values."""
+    mom_table_len, schedule_step, grad_scale, found_inf, clip_coef, wd_table, wd_table_len). A missing table has
+    length 0 (the kernel then reads the group's value); the other missing controls are dummies with neutral
+    values."""
     _check_table(op, "lr_table", lr_table, device)
     _check_table(op, "momentum table", mom_table, device)
-    if any(t is not None and t.numel() > 1 for t in (lr_table, mom_table)) and schedule_step is None:
+    _check_table(op, "weight_decay_table", wd_table, device)
+    if any(t is not None and t.numel() > 1 for t in (lr_table, mom_table, wd_table)) and schedule_step is None:
         _fail(op, ": a schedule table of more than one entry needs schedule_step")  # else entry 0 is read
     _check_scalar_tensor(op, "schedule_step", schedule_step, device, torch.int64)
     _check_scalar_tensor(op, "grad_scale", grad_scale, device, torch.float32)
@@ -302,6 +304,7 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
         dummy["grad_scale"] if grad_scale is None else grad_scale,
         dummy["found_inf"] if found_inf is None else found_inf,
         dummy["clip_coef"] if clip_coef is None else clip_coef,
+        dummy["table"] if wd_table is None else wd_table, 0 if wd_table is None else wd_table.numel(),
     )
     return Controls(args, 6)
 

@@ -37,20 +37,20 @@ def _lion_elements(p_addr, g_addr, m_addr, master_addr, offs, mask,
 def lion_kernel(
     rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, beta1_table_ptr, beta1_table_len: tl.int64, schedule_step_ptr,
-    grad_scale_ptr, found_inf_ptr, clip_coef_ptr,
+    grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
     lr: tl.float64, beta1: tl.float64, beta2: tl.float64, weight_decay: tl.float64,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
     ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = J.row_ptr(rows_ptr)
-    lr_now, beta1_now, live, inv_scale, clip_coef = J.read_controls(
+    lr_now, beta1_now, wd_now, live, inv_scale, clip_coef = J.read_controls(
         schedule_step_ptr, lr_table_ptr, lr_table_len, beta1_table_ptr, beta1_table_len,
-        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, lr, beta1, T_DTYPE)
+        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, beta1, weight_decay, T_DTYPE)
 
     # rules.h make_lion_scalars()
     beta2_64 = J.f64(beta2)
-    decay = (1.0 - lr_now * J.f64(weight_decay)).to(T_DTYPE)
+    decay = (1.0 - lr_now * wd_now).to(T_DTYPE)
     neg_lr = (-lr_now).to(T_DTYPE)
     beta1_t = beta1_now.to(T_DTYPE)
     one_minus_beta1 = (1.0 - beta1_now).to(T_DTYPE)
@@ -82,7 +82,7 @@ if not L.INTERPRET:
 
 
 def lion_(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table, beta1_table,
-          schedule_step, grad_scale, found_inf, clip_coef) -> None:
+          schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table=None) -> None:
     """fusedopt::lion_ (csrc/ops.cpp) on the Triton backend; same arguments, same in-place semantics."""
     op = "fusedopt::lion_"
     L.check_params(op, params)
@@ -100,7 +100,7 @@ def lion_(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay
 
     layout, grad_vector = L.get_plan(op, fields, None, grads, validate)
     ctrl = L.controls(op, params[0].device, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
-                      clip_coef)
+                      clip_coef, weight_decay_table)
     meta = L.common_meta(params, master_params)
     scalars = (float(lr), float(beta1), float(beta2), float(weight_decay))
     L.launch(lion_kernel, _tuned, layout, grad_vector, ctrl, scalars, meta)

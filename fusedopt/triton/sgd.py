@@ -47,7 +47,7 @@ def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, mask,
 def sgd_kernel(
     rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, momentum_table_ptr, momentum_table_len: tl.int64, schedule_step_ptr,
-    grad_scale_ptr, found_inf_ptr, clip_coef_ptr,
+    grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
     lr: tl.float64, momentum: tl.float64, dampening: tl.float64, weight_decay: tl.float64, first_step: tl.int32,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
@@ -55,13 +55,13 @@ def sgd_kernel(
     ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = J.row_ptr(rows_ptr)
-    lr_now, momentum_now, live, inv_scale, clip_coef = J.read_controls(
+    lr_now, momentum_now, wd_now, live, inv_scale, clip_coef = J.read_controls(
         schedule_step_ptr, lr_table_ptr, lr_table_len, momentum_table_ptr, momentum_table_len,
-        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, lr, momentum, T_DTYPE)
+        grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len, lr, momentum, weight_decay, T_DTYPE)
 
     # rules.h make_sgd_scalars()
     neg_lr = (-lr_now).to(T_DTYPE)
-    weight_decay_t = J.f64(weight_decay).to(T_DTYPE)
+    weight_decay_t = wd_now.to(T_DTYPE)
     momentum_t = momentum_now.to(T_DTYPE)
     one_minus_dampening = (1.0 - J.f64(dampening)).to(T_DTYPE)
 
@@ -93,7 +93,7 @@ if not L.INTERPRET:
 
 def sgd_(params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay, nesterov,
          maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
-         clip_coef) -> None:
+         clip_coef, weight_decay_table=None) -> None:
     """fusedopt::sgd_ (csrc/ops.cpp) on the Triton backend; same arguments, same in-place semantics.
     momentum_buffers empty: plain SGD (no buffer); first_step: the buffers are being created."""
     op = "fusedopt::sgd_"
@@ -115,7 +115,7 @@ def sgd_(params, grads, momentum_buffers, master_params, lr, momentum, dampening
 
     layout, grad_vector = L.get_plan(op, fields, None, grads, validate)
     ctrl = L.controls(op, params[0].device, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
-                      clip_coef)
+                      clip_coef, weight_decay_table)
     meta = dict(L.common_meta(params, master_params), USE_MOMENTUM=use_momentum, NESTEROV=bool(nesterov),
                 MAXIMIZE=bool(maximize))
     scalars = (float(lr), float(momentum), float(dampening), float(weight_decay), int(bool(first_step)))

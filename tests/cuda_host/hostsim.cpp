@@ -8,8 +8,9 @@
 // capacities and the block size are parameters, so small tensors exercise chunk boundaries, carry-over
 // of half-done tensors and many launches.
 //
-// Ops (namespace fusedopt_hostsim): adamw_ / sgd_ / lion_ with the schemas of fusedopt's ops plus the
-// simulation parameters, returning statistics; plan() exposes the launch plan; capacities() the constants.
+// Ops (namespace fusedopt_hostsim): adamw_ / sgd_ / lion_ with the schemas of fusedopt's ops (every argument,
+// the defaulted trailing ones included, without defaults) plus the simulation parameters, returning statistics;
+// plan() exposes the launch plan; capacities() the constants.
 #include <torch/library.h>
 
 #include <cstdint>
@@ -94,13 +95,14 @@ std::vector<int64_t> sim_adamw(TensorList params, TensorList grads, TensorList e
                                double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                                bool maximize, const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                                const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-                               const OptionalTensor& found_inf, const OptionalTensor& clip_coef, int64_t chunk_size,
-                               int64_t max_tensors, int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch,
-                               bool reverse) {
+                               const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+                               const OptionalTensor& weight_decay_table, bool decoupled_weight_decay,
+                               int64_t chunk_size, int64_t max_tensors, int64_t max_blocks, int64_t block_dim,
+                               int64_t steps_per_launch, bool reverse) {
   HostLauncher launcher = make_launcher(chunk_size, max_tensors, max_blocks, block_dim, steps_per_launch, reverse);
   adamw_impl(launcher, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1,
              beta2, eps, weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale,
-             found_inf, clip_coef);
+             found_inf, clip_coef, weight_decay_table, decoupled_weight_decay);
   return launcher.stats();
 }
 
@@ -109,13 +111,13 @@ std::vector<int64_t> sim_sgd(TensorList params, TensorList grads, TensorList mom
                              double weight_decay, bool nesterov, bool maximize, bool first_step,
                              const OptionalTensor& lr_table, const OptionalTensor& momentum_table,
                              const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-                             const OptionalTensor& found_inf, const OptionalTensor& clip_coef, int64_t chunk_size,
-                             int64_t max_tensors, int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch,
-                             bool reverse) {
+                             const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+                             const OptionalTensor& weight_decay_table, int64_t chunk_size, int64_t max_tensors,
+                             int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch, bool reverse) {
   HostLauncher launcher = make_launcher(chunk_size, max_tensors, max_blocks, block_dim, steps_per_launch, reverse);
   sgd_impl(launcher, params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay,
            nesterov, maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
-           clip_coef);
+           clip_coef, weight_decay_table);
   return launcher.stats();
 }
 
@@ -123,12 +125,12 @@ std::vector<int64_t> sim_lion(TensorList params, TensorList grads, TensorList ex
                               double lr, double beta1, double beta2, double weight_decay,
                               const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                               const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
-                              const OptionalTensor& found_inf, const OptionalTensor& clip_coef, int64_t chunk_size,
-                              int64_t max_tensors, int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch,
-                              bool reverse) {
+                              const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
+                              const OptionalTensor& weight_decay_table, int64_t chunk_size, int64_t max_tensors,
+                              int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch, bool reverse) {
   HostLauncher launcher = make_launcher(chunk_size, max_tensors, max_blocks, block_dim, steps_per_launch, reverse);
   lion_impl(launcher, params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table,
-            beta1_table, schedule_step, grad_scale, found_inf, clip_coef);
+            beta1_table, schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table);
   return launcher.stats();
 }
 
@@ -181,19 +183,21 @@ TORCH_LIBRARY(fusedopt_hostsim, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? lr_table, "
       "Tensor? beta1_table, Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor? clip_coef, " FUSEDOPT_SIM_ARGS ") -> int[]",
+      "Tensor? clip_coef, Tensor? weight_decay_table, bool decoupled_weight_decay, " FUSEDOPT_SIM_ARGS
+      ") -> int[]",
       &sim_adamw);
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool first_step, Tensor? lr_table, Tensor? momentum_table, Tensor? schedule_step, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, " FUSEDOPT_SIM_ARGS ") -> int[]",
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, Tensor? weight_decay_table, " FUSEDOPT_SIM_ARGS
+      ") -> int[]",
       &sim_sgd);
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] master_params, "
       "float lr, float beta1, float beta2, float weight_decay, Tensor? lr_table, Tensor? beta1_table, "
-      "Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, " FUSEDOPT_SIM_ARGS
-      ") -> int[]",
+      "Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, "
+      "Tensor? weight_decay_table, " FUSEDOPT_SIM_ARGS ") -> int[]",
       &sim_lion);
   m.def("plan(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> int[]", &sim_plan);
   m.def("capacities() -> int[]", &sim_capacities);

@@ -29,9 +29,10 @@ POINTERS = {
     "rows_ptr": "*i64", "grad_addrs_ptr": "*i64", "step_table_ptr": "*i64", "done_ptr": "*i32",
     "lr_table_ptr": "*fp64", "beta1_table_ptr": "*fp64", "momentum_table_ptr": "*fp64",
     "schedule_step_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32",
+    "wd_table_ptr": "*fp64",
 }
 ANNOTATED = {"n_tensors": "i64", "lr_table_len": "i64", "beta1_table_len": "i64", "momentum_table_len": "i64",
-             "SIZE_CLASS": "i32", "first_step": "i32"}
+             "wd_table_len": "i64", "SIZE_CLASS": "i32", "first_step": "i32"}
 
 
 def signature(kernel, constexprs):
@@ -87,11 +88,12 @@ def variants():
     for p, s, t, master in ((f32, f32, f32, False), (bf16, f32, f32, True), (f16, f16, f32, False),
                             (f64, f64, f64, False)):
         dt = dict(P_DTYPE=p, S_DTYPE=s, T_DTYPE=t, HAS_MASTER=master, ALIGNED=True, SOFT_BF16=False, BLOCK=1024)
-        yield adamw.adamw_kernel, dict(dt, AMSGRAD=True, MAXIMIZE=True)
+        yield adamw.adamw_kernel, dict(dt, AMSGRAD=True, MAXIMIZE=True, DECOUPLED=True)
+        yield adamw.adamw_kernel, dict(dt, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False)
         yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False)
         yield lion.lion_kernel, dict(dt)
     dt = dict(P_DTYPE=f32, S_DTYPE=f32, T_DTYPE=f32, HAS_MASTER=False, ALIGNED=False, SOFT_BF16=False, BLOCK=512)
-    yield adamw.adamw_kernel, dict(dt, AMSGRAD=False, MAXIMIZE=False)
+    yield adamw.adamw_kernel, dict(dt, AMSGRAD=False, MAXIMIZE=False, DECOUPLED=True)
     yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=False, NESTEROV=False, MAXIMIZE=True)
     yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False)
 
