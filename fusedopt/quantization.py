@@ -136,6 +136,7 @@ __all__ = [
     "is_quantized_size",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "encode",
     "codec_constants",
 ]
 
@@ -331,6 +332,15 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> Tuple[torch.Tensor, tor
     ones = torch.ones_like(absmax)
     inv = torch.where(absmax >= _SMALLEST_NORMAL, ones / absmax, torch.zeros_like(absmax))  # NaN >= .. is False
     q = (blocks * inv[:, None]).reshape(-1)[: flat.numel()]
+    codes = encode(q, signed)
+    return codes.view(x.shape), absmax
+
+
+def encode(q: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 codes of normalized float32 values q (``x * (1 / absmax)``): the nearest map value, ties to the
+    smaller magnitude; NaN, +inf and ``|q| > 1`` to the largest magnitude of q's sign (the unsigned map: 0 for
+    q < 0). The definition every kernel's encoder is tested against."""
+    q = q.to(torch.float32).contiguous()
     thresholds = midpoints(signed).to(q.device).view(torch.int32)
     count = torch.searchsorted(thresholds, _abs_bits(q).contiguous(), right=False)  # #{t < |q|}, on the bits
     negative = q.view(torch.int32) < 0
@@ -338,7 +348,7 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> Tuple[torch.Tensor, tor
         codes = torch.where(negative, 127 - count.clamp(max=127), 127 + count)
     else:
         codes = torch.where(negative, torch.zeros_like(count), count)
-    return codes.to(torch.uint8).view(x.shape), absmax
+    return codes.to(torch.uint8)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:

@@ -84,17 +84,16 @@ class CheckpointInterop:
         from_table = bool(state_dict["param_groups"]) and all(
             "schedule_step" in g for g in state_dict["param_groups"])
         own_bases = [(g.get("initial_lr"), g.get("initial_weight_decay")) for g in self.param_groups]
-        # torch casts floating state to the param dtype on load; float32 master weights and states must
-        # survive that, so they are set aside and put back afterwards.
-        # 8-bit codes and their float32 absmax (torch would cast both to the param dtype) likewise.
+        # torch casts every state to the param dtype on load; float32 master weights, states kept in another
+        # dtype than the param's (state_precision, master weights), 8-bit codes and their absmax must survive
+        # that, so they are set aside and put back afterwards (then converted to this optimizer's formats).
         kept = {}
         for index, pstate in state_dict["state"].items():
             p = index_to_param.get(index)
             if p is None or not isinstance(pstate, dict):
                 continue
-            keep = {k: v for k, v in pstate.items() if isinstance(v, torch.Tensor) and k != "step" and (
-                v.dtype == torch.uint8 or is_absmax_key(k)
-                or (self.master_weights and self._uses_master(p) and v.dtype == torch.float32))}
+            keep = {k: v for k, v in pstate.items()
+                    if isinstance(v, torch.Tensor) and k != "step" and (v.dtype != p.dtype or is_absmax_key(k))}
             if keep:
                 kept[id(p)] = keep
         super().load_state_dict(state_dict)
