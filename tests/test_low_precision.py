@@ -219,7 +219,7 @@ class HostRun:
 
     def step(self, grads, hparams):
         no_controls = dict(lr_table=None, mom_table=None, schedule_step=None, grad_scale=None, found_inf=None,
-                           clip_coef=None)
+                           clip_coef=None, wd_table=None)
         for g, hp_now in zip(self.groups, hparams):
             for dst, i in zip(g.grads, g.index):
                 dst.copy_(grads[i])

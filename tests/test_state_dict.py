@@ -423,9 +423,9 @@ def test_state_dict_without_schedule_loads_into_a_schedule():
 
 def test_schedule_checkpoint_loads_without_schedule():
     """And the other way: a table run's checkpoint into schedule=None drops the device counter, and the steps
-    after the load use the group's lr (the base lr: a table never writes group["lr"]). Oracle: the
-    uninterrupted torch.optim.SGD run, 10 steps under Hugging Face's cosine schedule and then 2 steps at the
-    base lr."""
+    after the load use the group's lr, which (as under a torch scheduler) shows the lr the table gives the
+    next step. Oracle: torch.optim.SGD under Hugging Face's cosine schedule for 10 steps, its checkpoint loaded
+    into a torch.optim.SGD with no scheduler, 2 more steps (torch keeps the last scheduled lr)."""
     params = make_params()
     opt = FusedSGD(params, lr=1e-2, momentum=0.9, schedule=schedules.warmup_cosine(40, 5))
     run(opt, params, GRADS[:10])
@@ -433,12 +433,18 @@ def test_schedule_checkpoint_loads_without_schedule():
     opt_b = FusedSGD(params_b, lr=1e-2, momentum=0.9)
     opt_b.load_state_dict(through_bytes(opt.state_dict()))
     assert all("schedule_step" not in g for g in opt_b.param_groups)
-    assert opt_b.get_last_lr() == [1e-2]
+    hf = hf_cosine_lrs(1e-2, 5, 40, 11)
+    assert opt_b.get_last_lr() == pytest.approx([hf[10]], rel=1e-12)  # float64 products of the same formula
     run(opt_b, params_b, GRADS[10:12])
 
     ref_params = make_params()
     ref = torch.optim.SGD(ref_params, lr=1e-2, momentum=0.9, foreach=False)
-    for t, lr in enumerate(hf_cosine_lrs(1e-2, 5, 40, 10) + [1e-2, 1e-2]):
+    for t, lr in enumerate(hf[:10]):
         ref.param_groups[0]["lr"] = lr
         run(ref, ref_params, GRADS[t:t + 1])
+    ref.param_groups[0]["lr"] = hf[10]  # what torch's scheduler leaves in the group after step 10
+    ref_b = torch.optim.SGD(ref_params, lr=1e-2, momentum=0.9, foreach=False)
+    ref_b.load_state_dict(through_bytes(ref.state_dict()))
+    run(ref_b, ref_params, GRADS[10:12])
+    ref = ref_b
     assert_match(ref_params, ref, params_b, opt_b, ("momentum_buffer",))

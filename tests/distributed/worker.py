@@ -197,7 +197,9 @@ def scenario_zero(rank, mesh, tmp):
         train(ref_model, ref, rank, STEPS, sched=reference_schedule(ref))
         local = sum(p.numel() for g in ours.optim.param_groups for p in g["params"])
         out[rule] = {"fused": full_params(ours_model), "ref": full_params(ref_model), "logged_lr": logged,
-                     "expected_lr": reference_lrs(options["lr"], STEPS + 1)[1:],
+                     # the lr of steps 1..STEPS; step STEPS is past the table's end (one entry per step of a
+                     # STEPS-step run), where the table holds step STEPS - 1's lr
+                     "expected_lr": reference_lrs(options["lr"], STEPS)[1:] + reference_lrs(options["lr"], STEPS)[-1:],
                      "local_numel": local, "total_numel": sum(p.numel() for p in ours_model.parameters())}
     return out
 
