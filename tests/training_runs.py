@@ -15,10 +15,11 @@ reached, not the rounding of a bf16 forward pass.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,23 @@ def make_optimizer(cfg: Config, params, lr: float, weight_decay: float) -> torch
     return fusedopt.FusedLion(params, lr=lr, weight_decay=weight_decay, backend="cpu", **cfg.kwargs())
 
 
+@dataclass(frozen=True)
+class Run:
+    """What one training run gives: the final float32 loss, and the dtypes the run actually held (so a test can
+    check that a configuration trained what it names: uint8 codes for "8bit", bfloat16 params and states for
+    "bf16", ...)."""
+
+    loss: float
+    param_dtypes: Tuple[str, ...]  # sorted names of the params' dtypes at the end
+    state_dtypes: Tuple[str, ...]  # sorted names of the dtypes of every optimizer state tensor but "step"
+
+
+def _run(model: nn.Module, opt: torch.optim.Optimizer, loss: float) -> Run:
+    states = {str(v.dtype) for st in opt.state.values() for k, v in st.items()
+              if k != "step" and isinstance(v, torch.Tensor)}
+    return Run(loss, tuple(sorted({str(p.dtype) for p in model.parameters()})), tuple(sorted(states)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Digits MLP
 # ----------------------------------------------------------------------------------------------------------
@@ -115,6 +133,7 @@ def forward_fp32(model: nn.Module, *args) -> torch.Tensor:
     return torch.func.functional_call(model, params, args)
 
 
+@functools.lru_cache(maxsize=None)
 def _digits():
     from sklearn.datasets import load_digits
 
@@ -122,7 +141,7 @@ def _digits():
     return torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y, dtype=torch.long)
 
 
-def digits_loss(cfg: Config, seed: int, steps: int = DIGITS_STEPS) -> float:
+def digits_run(cfg: Config, seed: int, steps: int = DIGITS_STEPS) -> Run:
     """Train a 64-128-128-10 MLP (layers of 8,192 and 16,384 weights: large enough to be 8-bit quantized; the
     1,280-weight output layer and the biases keep float32 states) for ``steps`` minibatch steps; return the
     float32 cross-entropy of the final weights on all 1,797 digits."""
@@ -142,7 +161,7 @@ def digits_loss(cfg: Config, seed: int, steps: int = DIGITS_STEPS) -> float:
         opt.step()
         sched.step()
     with torch.no_grad():
-        return F.cross_entropy(copy.deepcopy(model).float()(x), y).item()
+        return _run(model, opt, F.cross_entropy(copy.deepcopy(model).float()(x), y).item())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,6 +181,7 @@ LM_LR = {"adamw": 1e-3, "lion": 3e-4}
 LM_EVAL_WINDOWS = 64
 
 
+@functools.lru_cache(maxsize=None)
 def lm_text() -> torch.Tensor:
     """The token ids (ASCII codes) of the fixed torch source files; needs at least LM_CHARS characters."""
     root = os.path.dirname(torch.__file__)
@@ -209,7 +229,7 @@ class TinyLM(nn.Module):
         return self.head(self.ln(h))
 
 
-def lm_loss(cfg: Config, seed: int, steps: int = LM_STEPS) -> float:
+def lm_run(cfg: Config, seed: int, steps: int = LM_STEPS) -> Run:
     """Train TinyLM (2 blocks, d=64: 0.12M params, every weight matrix >= 4,096 elements) on LM_BATCH random
     windows of LM_CTX + 1 characters of the first 90% of the text per step for ``steps`` steps; return the
     float32 next-character cross-entropy of the final weights on LM_EVAL_WINDOWS fixed windows of the held-out
@@ -235,16 +255,17 @@ def lm_loss(cfg: Config, seed: int, steps: int = LM_STEPS) -> float:
     win = torch.stack([held[s: s + LM_CTX + 1] for s in starts])
     with torch.no_grad():
         logits = copy.deepcopy(model).float()(win[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, LM_VOCAB), win[:, 1:].reshape(-1)).item()
+        return _run(model, opt, F.cross_entropy(logits.reshape(-1, LM_VOCAB), win[:, 1:].reshape(-1)).item())
 
 
-TASKS = {"digits": digits_loss, "lm": lm_loss}
+TASKS = {"digits": digits_run, "lm": lm_run}
 
 
 def main() -> None:
     """Print the final losses of every configuration that can run here (the peers' where installed), per seed,
     with CPU seconds: the measurements behind test_training_quality.py's margins.
-    Usage: python tests/training_runs.py [digits|lm] [seeds, e.g. 0,1,2]"""
+    Usage, from the repository root: PYTHONPATH=. python tests/training_runs.py [digits|lm] [seeds, e.g. 0,1,2]
+    (the peers' rows with an interpreter that has bitsandbytes / torchao and the same torch)."""
     import sys
     import time
 
@@ -258,7 +279,7 @@ def main() -> None:
                 continue
             t = time.process_time()
             try:
-                losses = [TASKS[task](cfg, s) for s in seeds]
+                losses = [TASKS[task](cfg, s).loss for s in seeds]
             except (TypeError, ImportError) as e:
                 print(f"{task:6s} {name:22s} not run: {type(e).__name__}: {str(e)[:80]}", flush=True)
                 continue
