@@ -80,6 +80,9 @@ class Batch:
     # the params as the optimizer holds them (DTensors, strided views), before _prepare puts local shards and
     # contiguous stand-ins in `params`; empty until then (stochastic rounding keys its bits on them)
     originals: List[torch.Tensor] = field(default_factory=list)
+    # the small-state arguments of the op (state_absmaxes, rounding, rounding_step) when a kernel reads the
+    # batch's 8-bit / bfloat16 / stochastically rounded states itself; None: plain states
+    small_state: Optional[dict] = None
 
 
 def to_local(batch: Batch, k: int, p, optimizer_name: str) -> torch.Tensor:

@@ -25,6 +25,9 @@ from fusedopt import quantization as Q
 from fusedopt.optim._batch import Batch, dtensor_class
 
 PRECISIONS = ("fp32", "bf16", "8bit")
+# Backends whose kernels load and store small states themselves (one fused pass: decode, rule, absmax, encode;
+# csrc/cpu/state_io.h over csrc/fusedopt/state_codec.h); the others run through _call_staged.
+FUSED_SMALL_STATE_BACKENDS = ("cpu",)
 QUANTIZABLE_KEYS = Q.SIGNED_STATE_KEYS + Q.UNSIGNED_STATE_KEYS
 _SUFFIX = "_absmax"
 _M32 = 0xFFFFFFFF
@@ -233,6 +236,28 @@ class SmallState:
             if dtensor is not None and isinstance(original, dtensor):
                 offset = _shard_offset(original)
             out.append((index[id(original)], offset))
+        return out
+
+    def _small_state_args(self, batch: Batch, group: dict) -> dict:
+        """The op's small-state arguments for a batch whose kernels read the formats themselves: per state list (the
+        op's order) and param, the absmax of 8-bit codes (an empty tensor for other states); with stochastic
+        rounding the seed, (param index, element offset of the shard) per param and the group's counter."""
+        empty = torch.empty(0, dtype=torch.float32, device=batch.device)
+        absmaxes = []
+        for key in self.state_keys:
+            if key == "step":
+                continue
+            for state in batch.states:
+                value = state.get(key)
+                is_8bit = isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+                absmaxes.append(_local(state[absmax_key(key)]) if is_8bit else empty)
+        out = {"state_absmaxes": absmaxes}
+        if self.stochastic_rounding:
+            rounding = [int(group["rounding_seed"])]
+            for index, offset in self._rounding_streams(batch):
+                rounding += [index, offset]
+            out["rounding"] = rounding
+            out["rounding_step"] = group["rounding_step"]
         return out
 
     def _call_staged(self, backend, batch: Batch, group: dict, found_inf: Optional[torch.Tensor], call) -> None:

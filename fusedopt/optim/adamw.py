@@ -122,7 +122,7 @@ class FusedAdamW(FusedOptimizer):
             [s["master_param"] for s in states if "master_param" in s],
             lr, beta1, self._number(beta2), self._number(group["eps"]), weight_decay,
             amsgrad, group["maximize"], lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
-            weight_decay_table=weight_decay_table, decoupled_weight_decay=self._decoupled_weight_decay(group))
+            weight_decay_table=weight_decay_table, decoupled_weight_decay=self._decoupled_weight_decay(group), **(batch.small_state or {}))
 
     def _decoupled_weight_decay(self, group: dict) -> bool:
         """AdamW's decay (p *= 1 - lr*wd) always; FusedAdam reads its group's decoupled_weight_decay."""

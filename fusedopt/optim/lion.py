@@ -77,4 +77,4 @@ class FusedLion(FusedOptimizer):
             batch.params, batch.grads, [s["exp_avg"] for s in states],
             [s["master_param"] for s in states if "master_param" in s],
             lr, beta1, self._number(beta2), weight_decay, lr_table, momentum_table, schedule_step, grad_scale,
-            found_inf, clip_coef, weight_decay_table=weight_decay_table)
+            found_inf, clip_coef, weight_decay_table=weight_decay_table, **(batch.small_state or {}))

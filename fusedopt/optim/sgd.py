@@ -96,4 +96,4 @@ class FusedSGD(FusedOptimizer):
             [s["master_param"] for s in states if "master_param" in s],
             lr, momentum, self._number(group["dampening"]), weight_decay,
             group["nesterov"], group["maximize"], batch.first_step, lr_table, momentum_table, schedule_step,
-            grad_scale, found_inf, clip_coef, weight_decay_table=weight_decay_table)
+            grad_scale, found_inf, clip_coef, weight_decay_table=weight_decay_table, **(batch.small_state or {}))
