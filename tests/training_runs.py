@@ -264,18 +264,20 @@ TASKS = {"digits": digits_run, "lm": lm_run}
 def main() -> None:
     """Print the final losses of every configuration that can run here (the peers' where installed), per seed,
     with CPU seconds: the measurements behind test_training_quality.py's margins.
-    Usage, from the repository root: PYTHONPATH=. python tests/training_runs.py [digits|lm] [seeds, e.g. 0,1,2]
+    Usage, from the repository root:
+        PYTHONPATH=. python tests/training_runs.py [digits|lm|all] [seeds, e.g. 0,1,2] [configs: substrings, e.g. bnb,fp32]
     (the peers' rows with an interpreter that has bitsandbytes / torchao and the same torch)."""
     import sys
     import time
 
     torch.set_num_threads(1)
-    tasks = [sys.argv[1]] if len(sys.argv) > 1 else list(TASKS)
+    tasks = [sys.argv[1]] if len(sys.argv) > 1 and sys.argv[1] != "all" else list(TASKS)
     seeds = [int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 else [0, 1, 2]
+    wanted = sys.argv[3].split(",") if len(sys.argv) > 3 else None
     for task in tasks:
         base = {}
         for name, cfg in CONFIGS.items():
-            if name == "adamw fp32 fusedopt":
+            if name == "adamw fp32 fusedopt" or (wanted and not any(w in name for w in wanted)):
                 continue
             t = time.process_time()
             try:
