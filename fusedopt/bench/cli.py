@@ -48,8 +48,6 @@ Dtypes (``--dtype``: precision settings; ``small-state`` = the issue-13 four: 8b
                  bitsandbytes AdamW8bit / Lion8bit / SGD8bit (whose kernels ignore nesterov), torchao AdamW8bit
                  and AdamW4bit. References (float32 states, never the "best peer"): torch fused, DeepSpeedCPUAdam
                  / CPULion, fusedopt ("fp32 states"); the issue-13 targets name them.
-    fusedopt's contenders for bf16-sr, bf16-states and 8bit are written against issue 13's API; a build without
-    it lists them as skipped, "not available in this build", with the TypeError of the unknown keyword.
 
 Optimizer state ("state B/param"): the bytes of the storages of the tensors in each optimizer's ``state``
 (moments, 8-bit codes, absmax, quantization maps, master copies, step counters; a storage shared by several

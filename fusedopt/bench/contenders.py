@@ -40,7 +40,6 @@ FUSEDOPT_KWARGS = {
     "bf16-states": dict(state_precision="bf16"),
     "8bit": dict(state_precision="8bit"),
 }
-NOT_IN_BUILD = "not available in this build"
 
 
 class NotApplicable(Exception):
@@ -48,8 +47,8 @@ class NotApplicable(Exception):
 
 
 class Unavailable(Exception):
-    """The contender exists but cannot run here (e.g. a fusedopt feature this build lacks): listed as skipped
-    with the reason in the group's table."""
+    """The contender exists but cannot run this group here (raised by a builder): listed as skipped with the
+    reason in the group's table, unlike NotApplicable."""
 
 
 @dataclass
@@ -125,39 +124,12 @@ def _schedule_table() -> schedules.ScheduleTable:
 FUSEDOPT_CLASSES = {"adamw": "FusedAdamW", "sgd": "FusedSGD", "lion": "FusedLion"}
 
 
-def missing_features() -> Dict[Tuple[str, str], str]:
-    """(dtype, rule) -> why this build cannot run it: the issue-13 keywords (state_precision,
-    stochastic_rounding) probed on each optimizer class with a one-element param (a TypeError for an unknown
-    keyword). Empty once the feature has landed; any other exception means the keyword exists (the build's own
-    checks then decide, in the group)."""
-    out = {}
-    for dtype, kw in FUSEDOPT_KWARGS.items():
-        if not kw or "master_weights" in kw:
-            continue
-        for rule, cls_name in FUSEDOPT_CLASSES.items():
-            try:
-                getattr(fusedopt, cls_name)([torch.zeros(1, requires_grad=True)], **kw)
-            except TypeError as e:
-                if "keyword" in str(e):
-                    out[(dtype, rule)] = f"{NOT_IN_BUILD} ({cls_name} has no keyword {next(iter(kw))!r})"
-            except Exception:  # noqa: BLE001
-                pass
-    return out
-
-
-def fusedopt_contender(backend: str, missing: Dict[Tuple[str, str], str]) -> Contender:
+def fusedopt_contender(backend: str) -> Contender:
     def build(s: Setup):
-        if (s.dtype, s.rule) in missing:
-            raise Unavailable(missing[(s.dtype, s.rule)])
         kw = dict(HYPER[s.rule], **FUSEDOPT_KWARGS[s.dtype])
         if s.scenario == "full":
             kw.update(max_grad_norm=MAX_NORM, schedule=_schedule_table())
-        try:
-            opt = getattr(fusedopt, FUSEDOPT_CLASSES[s.rule])(s.params, backend=backend, **kw)
-        except TypeError as e:
-            if "keyword" not in str(e):
-                raise
-            raise Unavailable(f"{NOT_IN_BUILD} ({e})") from e  # a keyword of the API this build lacks
+        opt = getattr(fusedopt, FUSEDOPT_CLASSES[s.rule])(s.params, backend=backend, **kw)
         return optimizer_step(opt)
 
     return Contender(f"fusedopt[{backend}]", "fusedopt", build, dtypes=ALL_DTYPES)
@@ -403,12 +375,6 @@ def torchao_contenders(device: torch.device, skipped: Dict[str, str]) -> List[Co
 def fusedopt_backend_contenders(device: torch.device, skipped: Dict[str, str],
                                 requested: Optional[Sequence[str]]) -> List[Contender]:
     out = []
-    missing = missing_features()
-    for dtype in FUSEDOPT_KWARGS:
-        classes = [FUSEDOPT_CLASSES[r] for (d, r) in missing if d == dtype]
-        if classes:
-            kw = next(iter(FUSEDOPT_KWARGS[dtype]))
-            skipped[f"fusedopt {dtype}"] = f"{NOT_IN_BUILD} ({', '.join(classes)}: no keyword {kw!r}; issue 13)"
     for name in ("cpu", "cuda", "triton"):
         if requested is not None and name not in requested:
             continue
@@ -421,7 +387,7 @@ def fusedopt_backend_contenders(device: torch.device, skipped: Dict[str, str],
             skipped["fusedopt[triton]"] = ("the Triton interpreter (TRITON_INTERPRET=1) is a test tool, not timed; "
                                            "pass --fusedopt-backends triton to include it")
             continue
-        out.append(fusedopt_contender(name, missing))
+        out.append(fusedopt_contender(name))
         out += fusedopt_reference(name)
     return out
 
