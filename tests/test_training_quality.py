@@ -15,9 +15,10 @@ depend on the torch release: its sources are the LM's text, its kernels the arit
   * bfloat16 params without either (round-to-nearest) end visibly worse: the reason the feature exists.
 "Within 5%" is on the mean over the seeds of the loss ratio of paired runs (same seed: same init, same batches).
 
-Measured here (2026-11-30, torch 2.14.1, fusedopt's CPU backend; per seed 0 / 1 / 2):
+Measured here (2026-11-30, torch 2.14.1, fusedopt's CPU backend; per seed 0 / 1 / 2; a ratio is the mean of the
+per-seed ratios):
   digits  fp32 AdamW (torch)  0.0604 0.0559 0.0557
-          8bit                0.0551 0.0549 0.0565   ratio to fp32 0.969 (per seed 0.91 .. 1.01)
+          8bit                0.0551 0.0549 0.0565   ratio to fp32 0.970 (per seed 0.91 .. 1.01)
           bf16 + master       0.0585 0.0568 0.0559
           bf16 + SR           0.0581 0.0561 0.0560   ratio to master 0.994
           bf16 (nearest)      0.0693 0.0665 0.0677   ratio to master 1.189 (per seed 1.17 .. 1.21)
