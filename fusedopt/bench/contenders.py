@@ -55,7 +55,10 @@ def _schedule_table() -> schedules.ScheduleTable:
     return schedules.warmup_cosine(SCHEDULE_STEPS, SCHEDULE_WARMUP)
 
 
-def fusedopt_contender(backend: str) -> Contender:
+def fusedopt_contender(backend: str, state_precision: Optional[str] = None, staged: bool = False) -> Contender:
+    """fusedopt on one backend; with state_precision ("8bit", "bf16") its small states, and with staged=True
+    through the optimizers' staged path (states widened to float32 around the float32 kernel, re-encoded after:
+    what the fused small-state kernels replace), for comparison."""
     classes = {"adamw": fusedopt.FusedAdamW, "sgd": fusedopt.FusedSGD, "lion": fusedopt.FusedLion}
 
     def build(s: Setup):
@@ -64,10 +67,17 @@ def fusedopt_contender(backend: str) -> Contender:
             kw["master_weights"] = True
         if s.scenario == "full":
             kw.update(max_grad_norm=MAX_NORM, schedule=_schedule_table())
+        if state_precision is not None:
+            kw["state_precision"] = state_precision
         opt = classes[s.rule](s.params, backend=backend, **kw)
+        if staged:
+            opt._fused_small_state = lambda backend, batch: False
         return opt.step
 
-    return Contender(f"fusedopt[{backend}]", "fusedopt", build)
+    name = f"fusedopt[{backend}]"
+    if state_precision is not None:
+        name += f" {state_precision} states" + (" (staged)" if staged else "")
+    return Contender(name, "fusedopt", build)
 
 
 def _copy_lists(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
@@ -218,6 +228,9 @@ def fusedopt_backend_contenders(device: torch.device, skipped: Dict[str, str],
                                            "pass --fusedopt-backends triton to include it")
             continue
         out.append(fusedopt_contender(name))
+        out.append(fusedopt_contender(name, "8bit"))
+        if name == "cpu":
+            out.append(fusedopt_contender(name, "8bit", staged=True))
     return out
 
 
