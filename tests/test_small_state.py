@@ -249,6 +249,78 @@ def test_backends_bitwise_equal(rule, precision, dtype, sr):
             assert_bitwise(s_a[k][key], s_b[k][key], f"param {k} {key}")
 
 
+# The CPU kernels load and store the formats themselves (one pass: decode, rule, absmax, encode; csrc/cpu/state_io.h);
+# the staged path (states widened to float32 around the float32 kernel, re-encoded in plain torch) is the
+# reference of the same scheme: bit for bit, over the combinations the kernels instantiate separately.
+@pytest.mark.parametrize("rule,precision,dtype,sr,extra", [
+    ("adamw", "8bit", torch.float32, False, dict(amsgrad=True)),
+    ("adamw", "8bit", torch.float32, False, dict(maximize=True)),
+    ("adamw", "8bit", torch.bfloat16, False, dict(master_weights=True)),
+    ("adamw", "bf16", torch.float32, False, {}),
+    ("adamw", "bf16", torch.float32, True, {}),
+    ("adamw", "fp32", torch.bfloat16, True, {}),
+    ("adamw", None, torch.bfloat16, True, {}),
+    ("sgd", "8bit", torch.bfloat16, True, dict(nesterov=True, dampening=0.0)),
+    ("sgd", None, torch.bfloat16, True, dict(momentum=0.0)),
+    ("lion", "bf16", torch.bfloat16, True, {}),
+])
+def test_cpu_kernels_equal_the_staged_path(rule, precision, dtype, sr, extra):
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(11)  # the rounding seed
+        params = make_params(dtype)
+        opt = build(rule, params, state_precision=precision, stochastic_rounding=sr, **extra)
+        if fused:
+            def no_staging(*args, **kwargs):
+                raise AssertionError("the CPU kernels should read these states themselves")
+            opt._call_staged = no_staging
+        else:
+            opt._fused_small_state = lambda backend, batch: False
+        run(opt, params, 3)
+        results.append((params, state_tensors(opt, params)))
+    (p_a, s_a), (p_b, s_b) = results
+    for k, (a, b) in enumerate(zip(p_a, p_b)):
+        assert_bitwise(a.detach(), b.detach(), f"param {k}")
+        assert s_a[k].keys() == s_b[k].keys()
+        for key in s_a[k]:
+            assert_bitwise(s_a[k][key], s_b[k][key], f"param {k} {key}")
+
+
+def test_cpu_encoder_equals_the_reference_on_float32_patterns():
+    """The CPU kernels' vectorized encoder and decoder (AVX2 where the CPU has it) against the plain-torch quantizer:
+    SGD's first step stores the gradient itself in the 8-bit momentum buffer (lr 0: the param stays), so the codes
+    and absmax are quantize_blockwise(grad). Every block holds 1.0 (absmax 1, so q = x exactly) and 255 float32
+    patterns of |x| < 1, every 997th bit pattern of both signs (2.1M values: all exponents, mantissas of every
+    residue); then blocks of zeros, subnormals, infinities and NaNs. The second step decodes them (momentum 1,
+    dampening 1: buf = buf * 1 + 0 * g): the codes of finite blocks come back unchanged, and every block is the
+    reference's decode + encode."""
+    bits = torch.arange(0, 0x3F800000, 997, dtype=torch.int64)
+    finite = torch.cat([bits, bits | 0x80000000]).to(torch.uint32).view(torch.float32) if hasattr(torch, "uint32") \
+        else torch.cat([bits, bits - 2 ** 32 + 0x80000000]).to(torch.int32).view(torch.float32)
+    pad = (-finite.numel()) % 255
+    finite = torch.cat([finite, torch.zeros(pad)]).view(-1, 255)
+    blocks = torch.cat([finite, torch.ones(finite.shape[0], 1)], dim=1)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, float("inf"), float("-inf"), float("nan")])
+    tail = torch.cat([torch.zeros(256), special.repeat(32), torch.full((256,), 1e-40), torch.tensor([3.0, -5.0])])
+    grad = torch.cat([blocks.reshape(-1), tail])
+    param = torch.zeros_like(grad)
+    opt = fusedopt.FusedSGD([param], lr=0.0, momentum=1.0, dampening=1.0, state_precision="8bit")
+    param.grad = grad
+    opt.step()
+    codes, absmax = Q.quantize_blockwise(grad, signed=True)
+    state = opt.state[param]
+    assert_bitwise(state["momentum_buffer"], codes, "codes")
+    assert_bitwise(state["momentum_buffer_absmax"], absmax, "absmax")
+    param.grad = torch.zeros_like(grad)
+    opt.step()
+    decoded = Q.dequantize_blockwise(codes, absmax, signed=True)
+    codes2, absmax2 = Q.quantize_blockwise(decoded * 1.0 + 0.0 * param.grad, signed=True)  # torch SGD's buf update
+    assert_bitwise(state["momentum_buffer"], codes2, "codes after decode + encode")
+    assert_bitwise(state["momentum_buffer_absmax"], absmax2, "absmax after decode + encode")
+    finite = absmax.isfinite().repeat_interleave(Q.BLOCK_SIZE)[: codes.numel()]
+    assert torch.equal(codes2[finite], codes[finite])  # finite blocks: decoding and re-encoding is the identity
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Composition
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -80,6 +84,18 @@ inline uint32_t stream_bits(const Stream& s, int64_t e) {
   return codec::random_bits(s.key, s.first_element + static_cast<uint64_t>(e));
 }
 
+// A math value rounded to the storage dtype S: c10's conversions, except bfloat16, which goes through the
+// codec's branch-free round-to-nearest-even (the same bits as c10::BFloat16, NaN included; c10's branch on NaN
+// keeps GCC from vectorizing the loop).
+template <typename S, typename T>
+inline S to_storage(T x) {
+  if constexpr (std::is_same_v<S, at::BFloat16>) {
+    return c10::BFloat16(codec::bf16_round_nearest(static_cast<float>(x)), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<S>(x);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // State slots
 // ---------------------------------------------------------------------------------------------------------
@@ -94,7 +110,7 @@ struct PlainSlot {
   }
   template <typename T>
   void store(int64_t b, int64_t j, T x) {
-    ptr[b + j] = static_cast<S>(x);
+    ptr[b + j] = to_storage<S>(x);
   }
 };
 
@@ -124,6 +140,141 @@ const float* decode_table() {
   return table.data();
 }
 
+// encode_8bit of len normalized values (x * inv) into codes: the codec's encoder spelled with AVX2 intrinsics,
+// 8 lanes at once, the same float32 operations in the same order (tests/test_quantization.py checks it against
+// the scalar encoder for every float32 pattern class). GCC does not vectorize the scalar encoder (it threads the
+// per-slot table reads into branches); here the 8-entry tables are register permutes.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDOPT_HAVE_AVX2_ENCODER 1  // and decoder, absmax
+template <typename Map>
+__attribute__((target("avx2"))) void encode_block_avx2(const float* __restrict__ x, float inv,
+                                                       uint8_t* __restrict__ out, int64_t len) {
+  const codec::MapConstants& c = Map::constants();
+  const __m256 base = _mm256_loadu_ps(c.base), step = _mm256_loadu_ps(c.step), first = _mm256_loadu_ps(c.first);
+  const __m256 recip = _mm256_loadu_ps(c.recip), kmax = _mm256_loadu_ps(c.kmax);
+  const __m256 midbase = _mm256_loadu_ps(c.midbase);
+  __m256i catchment[8];
+  for (int k = 0; k < 8; ++k) catchment[k] = _mm256_set1_epi32(static_cast<int32_t>(c.catchment[k]));
+  const __m256 vinv = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f), one_f = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(static_cast<float>(c.one));
+  const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF), v127 = _mm256_set1_epi32(127);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 q = _mm256_mul_ps(_mm256_loadu_ps(x + j), vinv);
+    const __m256i bits = _mm256_castps_si256(q);
+    const __m256i abs_bits = _mm256_and_si256(bits, sign_mask);  // <= 0x7FFFFFFF: signed compares are exact
+    const __m256 a = _mm256_castsi256_ps(abs_bits);
+    __m256i slot = _mm256_setzero_si256();
+    for (int k = 0; k < 7; ++k) slot = _mm256_sub_epi32(slot, _mm256_cmpgt_epi32(abs_bits, catchment[k]));
+    const __m256 one = _mm256_castsi256_ps(_mm256_cmpgt_epi32(abs_bits, catchment[7]));
+    const __m256 s_base = _mm256_permutevar8x32_ps(base, slot), s_step = _mm256_permutevar8x32_ps(step, slot);
+    const __m256 s_recip = _mm256_permutevar8x32_ps(recip, slot), s_kmax = _mm256_permutevar8x32_ps(kmax, slot);
+    const __m256 s_mid = _mm256_permutevar8x32_ps(midbase, slot), s_first = _mm256_permutevar8x32_ps(first, slot);
+    __m256 k0 = _mm256_floor_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(a, s_base), s_recip), half));
+    k0 = _mm256_blendv_ps(k0, s_kmax, _mm256_cmp_ps(k0, s_kmax, _CMP_GT_OQ));
+    k0 = _mm256_blendv_ps(k0, zero, _mm256_cmp_ps(k0, zero, _CMP_LT_OQ));
+    const __m256 mid = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(k0, one_f), s_step), s_mid);
+    const __m256 up = _mm256_and_ps(_mm256_cmp_ps(a, mid, _CMP_GT_OQ), one_f);
+    const __m256 m_f = _mm256_blendv_ps(_mm256_add_ps(_mm256_add_ps(s_first, k0), up), top, one);
+    const __m256i m = _mm256_cvttps_epi32(m_f);
+    const __m256i negative = _mm256_srai_epi32(bits, 31);
+    __m256i code;
+    if constexpr (Map::kSigned) {
+      code = _mm256_blendv_epi8(_mm256_add_epi32(v127, m), _mm256_sub_epi32(v127, _mm256_min_epi32(m, v127)),
+                                negative);
+    } else {
+      code = _mm256_andnot_si256(negative, m);
+    }
+    // 8 x int32 in [0, 255] -> 8 bytes
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j), _mm_packus_epi16(words, words));
+  }
+  for (; j < len; ++j) out[j] = static_cast<uint8_t>(codec::encode_8bit<Map>(x[j] * inv));
+}
+
+// decode_8bit(codes[j]) * scale for j < len: the codec's arithmetic decoder (exact: no rounding anywhere), 8 lanes.
+template <typename Map>
+__attribute__((target("avx2"))) void decode_block_avx2(const uint8_t* __restrict__ codes, float scale,
+                                                       float* __restrict__ out, int64_t len) {
+  const codec::MapConstants& c = Map::constants();
+  const __m256 base = _mm256_loadu_ps(c.base), step = _mm256_loadu_ps(c.step), first = _mm256_loadu_ps(c.first);
+  const __m256 offset = _mm256_set1_ps(c.slot_offset), half = _mm256_set1_ps(0.5f), vscale = _mm256_set1_ps(scale);
+  const __m256i bias = _mm256_set1_epi32(c.slot_bias - 127), seven = _mm256_set1_epi32(7);
+  const __m256i zero_point = _mm256_set1_epi32(Map::kSigned ? 127 : 0), v255 = _mm256_set1_epi32(255);
+  const __m256 one_f = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j)));
+    const __m256i t = _mm256_sub_epi32(code, zero_point);
+    const __m256i m = _mm256_abs_epi32(t);
+    const __m256 m_f = _mm256_cvtepi32_ps(m);
+    const __m256i f_bits = _mm256_castps_si256(_mm256_add_ps(m_f, offset));
+    const __m256i slot = _mm256_and_si256(_mm256_add_epi32(_mm256_srli_epi32(f_bits, 23), bias), seven);
+    const __m256 k_half = _mm256_add_ps(_mm256_sub_ps(m_f, _mm256_permutevar8x32_ps(first, slot)), half);
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(k_half, _mm256_permutevar8x32_ps(step, slot)),
+                             _mm256_permutevar8x32_ps(base, slot));
+    v = _mm256_blendv_ps(v, one_f, _mm256_castsi256_ps(_mm256_cmpeq_epi32(code, v255)));
+    v = _mm256_or_ps(v, _mm256_and_ps(sign, _mm256_castsi256_ps(t)));  // t < 0: -v (v >= 0)
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(v, vscale));
+  }
+  for (; j < len; ++j) out[j] = codec::decode_8bit<Map>(codes[j]) * scale;
+}
+
+// The largest |x| of x[0..len) as float32 bits with the sign cleared (an integer max: exact, a NaN wins).
+__attribute__((target("avx2"))) inline uint32_t absmax_bits_avx2(const float* __restrict__ x, int64_t len) {
+  const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i top = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    top = _mm256_max_epu32(top, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), mask));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), top);
+  uint32_t out = 0;
+  for (int l = 0; l < 8; ++l) out = codec::max_bits(out, lanes[l]);
+  for (; j < len; ++j) out = codec::max_bits(out, codec::abs_bits(x[j]));
+  return out;
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+// The codes of x[0..len) * inv: the AVX2 encoder where the CPU has it, else the scalar one (the same bits).
+template <typename Map>
+inline void encode_block(const float* __restrict__ x, float inv, uint8_t* __restrict__ out, int64_t len) {
+#if defined(FUSEDOPT_HAVE_AVX2_ENCODER)
+  if (cpu_has_avx2()) {
+    encode_block_avx2<Map>(x, inv, out, len);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < len; ++j) out[j] = static_cast<uint8_t>(codec::encode_8bit<Map>(x[j] * inv));
+}
+
+template <typename Map>
+inline void decode_block(const uint8_t* __restrict__ codes, const float* __restrict__ table, float scale,
+                         float* __restrict__ out, int64_t len) {
+#if defined(FUSEDOPT_HAVE_AVX2_ENCODER)
+  if (cpu_has_avx2()) {
+    decode_block_avx2<Map>(codes, scale, out, len);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < len; ++j) out[j] = table[codes[j]] * scale;
+}
+
+inline uint32_t absmax_bits(const float* __restrict__ x, int64_t len) {
+#if defined(FUSEDOPT_HAVE_AVX2_ENCODER)
+  if (cpu_has_avx2()) return absmax_bits_avx2(x, len);
+#endif
+  uint32_t top = 0;
+  for (int64_t j = 0; j < len; ++j) top = codec::max_bits(top, codec::abs_bits(x[j]));
+  return top;
+}
+
 template <typename Map>
 struct Q8Slot {
   uint8_t* __restrict__ codes;
@@ -134,18 +285,13 @@ struct Q8Slot {
   Q8Slot(uint8_t* c, float* a) : codes(c), absmax(a), table(decode_table<Map>()) {}
 
   void begin_block(int64_t b, int64_t len) {
-    const float scale = absmax[b / kQuantBlock];
-    const uint8_t* __restrict__ in = codes + b;
-    for (int64_t j = 0; j < len; ++j) buf[j] = table[in[j]] * scale;
+    decode_block<Map>(codes + b, table, absmax[b / kQuantBlock], buf, len);
   }
   // The block's new absmax (an integer max of the bit patterns: exact, a NaN wins), then every code.
   void end_block(int64_t b, int64_t len) {
-    uint32_t top = 0;
-    for (int64_t j = 0; j < len; ++j) top = codec::max_bits(top, codec::abs_bits(buf[j]));
-    const float block_absmax = codec::bits_float(top);
+    const float block_absmax = codec::bits_float(absmax_bits(buf, len));
     const float inv = codec::inverse_absmax(block_absmax);
-    uint8_t* __restrict__ out = codes + b;
-    for (int64_t j = 0; j < len; ++j) out[j] = static_cast<uint8_t>(codec::encode_8bit<Map>(buf[j] * inv));
+    encode_block<Map>(buf, inv, codes + b, len);
     absmax[b / kQuantBlock] = block_absmax;
   }
   template <typename T>
@@ -183,7 +329,7 @@ struct MasterParam {
   template <typename T>
   void store(int64_t e, T p) {
     master[e] = static_cast<float>(p);
-    param[e] = static_cast<P>(p);  // the rounded result
+    param[e] = to_storage<P>(p);  // the rounded result
   }
 };
 
@@ -196,7 +342,7 @@ struct PlainParam {
   }
   template <typename T>
   void store(int64_t e, T p) {
-    param[e] = static_cast<P>(p);
+    param[e] = to_storage<P>(p);
   }
 };
 

@@ -182,7 +182,9 @@ FUSEDOPT_HD int encode_magnitude(float a, uint32_t abs_bits) {
   k0 = k0 < 0.0f ? 0.0f : k0;  // (a NaN here only happens with `one` set, which overrides it)
   // the exact midpoint between entries k0 and k0 + 1 is a float32: (k0 + 1) * step + base rounds nowhere
   const float up = a > (k0 + 1.0f) * c.step[slot] + c.midbase[slot] ? 1.0f : 0.0f;
-  const float m = one ? static_cast<float>(c.one) : c.first[slot] + k0 + up;
+  // every table read happens on both sides of the select (no conditional load: the CPU loops vectorize)
+  const float first = c.first[slot];
+  const float m = one ? static_cast<float>(c.one) : first + k0 + up;
   return static_cast<int>(m);
 }
 
@@ -214,17 +216,19 @@ FUSEDOPT_HD float inverse_absmax(float absmax) {
 // ---------------------------------------------------------------------------------------------------------
 // bfloat16: round to nearest even (c10::BFloat16) or stochastically
 // ---------------------------------------------------------------------------------------------------------
+// Both written as selects, not branches, so that the CPU loops vectorize (c10's conversion branches on NaN,
+// which keeps GCC from vectorizing a loop that stores bfloat16: the cause of the slow bf16 CPU steps).
 FUSEDOPT_HD uint16_t bf16_round_nearest(float x) {
   const uint32_t u = float_bits(x);
-  if (x != x) return 0x7FC0;  // c10's NaN
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);  // c10's NaN
 }
 
 // Away from zero with probability (low 16 bits of x) / 65536, given 16 uniform random bits `r` (torchao's
 // _fp32_to_bf16_sr): (bits + r) >> 16. inf stays inf (its low bits are 0); NaN becomes c10's NaN.
 FUSEDOPT_HD uint16_t bf16_round_stochastic(float x, uint32_t r) {
-  if (x != x) return 0x7FC0;
-  return static_cast<uint16_t>((float_bits(x) + (r & 0xFFFFu)) >> 16);
+  const uint32_t rounded = (float_bits(x) + (r & 0xFFFFu)) >> 16;
+  return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
 }
 
 FUSEDOPT_HD float bf16_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }

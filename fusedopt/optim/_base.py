@@ -33,7 +33,7 @@ from fusedopt.optim import _clipping
 from fusedopt.optim._batch import PLAIN_TYPES, Batch, dtensor_class, is_dense, to_local
 from fusedopt.optim._checkpoint import CheckpointInterop
 from fusedopt.optim._schedule import ScheduleBookkeeping
-from fusedopt.optim._small_state import FUSED_SMALL_STATE_BACKENDS, SmallState
+from fusedopt.optim._small_state import SmallState
 from fusedopt.optim._validation import (  # noqa: F401 (check_betas, check_number: re-exported for the rules)
     check_betas, check_fused_options, check_number, check_torch_flags, split_named)
 from fusedopt.schedules import ScheduleTable
@@ -430,7 +430,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
                 self._call_backend(backend, b, group, *call_args, weight_decay_table=weight_decay_table)
 
             if self._needs_staging(batch):
-                if backend.name in FUSED_SMALL_STATE_BACKENDS:  # the kernels load and store the formats
+                if self._fused_small_state(backend, batch):  # the kernels load and store the formats
                     batch.small_state = self._small_state_args(batch, group)
                     call(batch)
                 else:

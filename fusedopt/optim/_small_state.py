@@ -26,8 +26,10 @@ from fusedopt.optim._batch import Batch, dtensor_class
 
 PRECISIONS = ("fp32", "bf16", "8bit")
 # Backends whose kernels load and store small states themselves (one fused pass: decode, rule, absmax, encode;
-# csrc/cpu/state_io.h over csrc/fusedopt/state_codec.h); the others run through _call_staged.
+# csrc/cpu/state_io.h over csrc/fusedopt/state_codec.h), for params of these dtypes; the others (the cuda and
+# triton backends, float16 / float64 params) run through _call_staged.
 FUSED_SMALL_STATE_BACKENDS = ("cpu",)
+FUSED_SMALL_STATE_DTYPES = (torch.float32, torch.bfloat16)
 QUANTIZABLE_KEYS = Q.SIGNED_STATE_KEYS + Q.UNSIGNED_STATE_KEYS
 _SUFFIX = "_absmax"
 _M32 = 0xFFFFFFFF
@@ -237,6 +239,11 @@ class SmallState:
                 offset = _shard_offset(original)
             out.append((index[id(original)], offset))
         return out
+
+    def _fused_small_state(self, backend, batch: Batch) -> bool:
+        """Whether the backend's kernels take this batch's small states themselves (else: _call_staged)."""
+        return (backend.name in FUSED_SMALL_STATE_BACKENDS and bool(batch.params)
+                and batch.params[0].dtype in FUSED_SMALL_STATE_DTYPES)
 
     def _small_state_args(self, batch: Batch, group: dict) -> dict:
         """The op's small-state arguments for a batch whose kernels read the formats themselves: per state list (the
