@@ -1,6 +1,6 @@
 """Independent reference implementations and comparison helpers shared by the parity tests.
 
-The oracles are torch.optim.AdamW / SGD in their single-tensor form (foreach=False) and lion-pytorch's Lion:
+The oracles are torch.optim.AdamW / Adam / SGD in their single-tensor form (foreach=False) and lion-pytorch's Lion:
 none of them shares code with fusedopt.
 """
 
@@ -29,6 +29,7 @@ TRANSPOSED_GRAD = {(33, 31)}
 
 RULE_CLASSES = {
     "adamw": (fusedopt.FusedAdamW, lambda params, **kw: torch.optim.AdamW(params, foreach=False, **kw)),
+    "adam": (fusedopt.FusedAdam, lambda params, **kw: torch.optim.Adam(params, foreach=False, **kw)),
     "sgd": (fusedopt.FusedSGD, lambda params, **kw: torch.optim.SGD(params, foreach=False, **kw)),
     "lion": (fusedopt.FusedLion, lambda params, **kw: Lion(params, **kw)),
 }
@@ -65,7 +66,8 @@ def run_pair(rule: str, dtype: torch.dtype, options: dict, group_options: Sequen
              scheduler_factory: Callable, steps: int, *, backend: str = "cpu", oracle_dtype=None,
              fused_kwargs=None, seed: int = 0):
     """Runs the oracle with a torch scheduler attached and ours with the same scheduler baked into a table.
-    Returns (ours_params, oracle_params, ours_opt, oracle_opt)."""
+    Returns (ours_params, oracle_params, ours_opt, oracle_opt); oracle_opt.lr_history[g] lists group g's lr
+    at every step."""
     ours_cls, oracle_factory = RULE_CLASSES[rule]
     base = make_params(dtype, seed)
     oracle_dtype = oracle_dtype or dtype
@@ -77,12 +79,15 @@ def run_pair(rule: str, dtype: torch.dtype, options: dict, group_options: Sequen
     table = schedules.from_lr_scheduler(scheduler_factory, total_steps=steps + 1)
     ours = ours_cls(split_groups(ours_params, group_options), **options, schedule=table, backend=backend,
                     **(fused_kwargs or {}))
+    oracle.lr_history = [[] for _ in oracle.param_groups]  # the lr of every step, per group
     for t in range(steps):
         grads = make_grads(base, t, seed)
         for p, g in zip(ours_params, grads):
             p.grad = g.clone()
         for p, g in zip(oracle_params, grads):
             p.grad = g.to(oracle_dtype)
+        for history, group in zip(oracle.lr_history, oracle.param_groups):
+            history.append(float(group["lr"]))
         ours.step()
         oracle.step()
         sched.step()
@@ -118,7 +123,8 @@ def assert_close_normwise(actual, expected, tol: float, what: str) -> None:
 
 def state_pairs(rule: str, ours, oracle, ours_params, oracle_params):
     """(name, our state tensor, oracle state tensor) for every param and state key the rule has."""
-    keys = {"adamw": ["exp_avg", "exp_avg_sq"], "sgd": ["momentum_buffer"], "lion": ["exp_avg"]}[rule]
+    keys = {"adamw": ["exp_avg", "exp_avg_sq"], "adam": ["exp_avg", "exp_avg_sq"], "sgd": ["momentum_buffer"],
+            "lion": ["exp_avg"]}[rule]
     for i, (p, q) in enumerate(zip(ours_params, oracle_params)):
         for k in keys:
             a = ours.state[p].get(k)

@@ -37,14 +37,14 @@ from fusedopt import schedules
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device("cuda")
 
-# One line per optimizer class and its options: adding a class adds it to every test below (FusedAdam is
-# picked up as soon as fusedopt exports it).
+# One line per optimizer class and its options: adding a class adds it to every test below. FusedAdam with a
+# weight decay, so its L2 path (the kernels' decoupled_weight_decay=False) runs too.
 OPTIMIZERS = {name: (cls, options) for name, cls, options in [
-    ("adamw", getattr(fusedopt, "FusedAdamW", None), dict(lr=1e-3, weight_decay=0.01)),
-    ("adam", getattr(fusedopt, "FusedAdam", None), dict(lr=1e-3)),
-    ("sgd-nesterov", getattr(fusedopt, "FusedSGD", None), dict(lr=1e-2, momentum=0.9, nesterov=True)),
-    ("lion", getattr(fusedopt, "FusedLion", None), dict(lr=1e-4, weight_decay=0.1)),
-] if cls is not None}
+    ("adamw", fusedopt.FusedAdamW, dict(lr=1e-3, weight_decay=0.01)),
+    ("adam", fusedopt.FusedAdam, dict(lr=1e-3, weight_decay=0.01)),
+    ("sgd-nesterov", fusedopt.FusedSGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    ("lion", fusedopt.FusedLion, dict(lr=1e-4, weight_decay=0.1)),
+]}
 
 
 def make_opt(rule, params, **kw):

@@ -3,18 +3,18 @@
 Tolerances against torch (float32, rtol=1e-6, atol=1e-6)
     The scalars of every step (1 - lr*wd, lr / bias_correction1, sqrt(bias_correction2), 1 - beta, ...) are
     computed in double and rounded to float once, exactly as torch does when it hands a Python float to a
-    float32 tensor op on its single-tensor (foreach=False) path; the element-wise operations also come in
-    torch's order. What still differs is FMA contraction: torch's vectorized CPU kernels compute
-    ``a + alpha * b`` (add with alpha, addcmul, addcdiv) with one rounding (fused multiply-add on AVX2 /
-    AVX512), fusedopt's kernels are built with -ffp-contract=off and round twice. That is at most one ulp
-    per operation and step, not a drift: after 100 steps the largest difference is ~2e-7 absolute on
-    O(1) params (a few ulps). rtol=1e-6 (~8 ulps) covers it; atol=1e-6 covers elements that pass close to
-    zero, where a 1-ulp absolute difference of a larger intermediate is a large *relative* one. A wrong
+    float32 tensor op on its single-tensor (foreach=False) path; the element-wise operations come in torch's
+    order with torch's roundings (fused multiply-adds where torch's CPU add(alpha=), lerp and addcmul fuse).
+    What still differs: torch's CPU sqrt is one ulp off the correctly rounded square root for ~20% of float32
+    inputs (AdamW's denominator), ours is correctly rounded. That is at most one ulp per step on the affected
+    elements, not a drift: a few ulps after 100 steps. rtol=1e-6 (~8 ulps) covers it; atol=1e-6 covers
+    elements that pass close to zero, where a 1-ulp absolute difference of a larger intermediate is a large
+    *relative* one. A wrong
     scalar (e.g. lr rounded to float before the division by the bias correction, a bias correction off by
     one step, or a lost momentum buffer) shows up at 1e-4 .. 1e-1 and fails.
 
-    Lion moves every element by exactly +-lr, so it agrees with lion-pytorch to the bit unless a sign
-    flips; the same tolerance is used.
+    Lion rounds as lion-pytorch does, so it agrees to the bit unless a sign flips at a tie; the same
+    tolerance is used.
 
 Resume (fusedopt -> fusedopt) is compared bit for bit (torch.equal): the same kernels on the same inputs.
 """
@@ -27,7 +27,7 @@ import warnings
 import pytest
 import torch
 
-from fusedopt import FusedAdamW, FusedLion, FusedSGD, schedules
+from fusedopt import FusedAdam, FusedAdamW, FusedLion, FusedSGD, schedules
 from fusedopt.schedules import ScheduleTable
 from oracles import schedule_trace
 
@@ -104,6 +104,19 @@ PAIRS = {
         lambda ps: FusedAdamW(groups(ps, 1e-2, 0.1), lr=1e-2, weight_decay=0.1, amsgrad=True),
         ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     ),
+    "adam": (  # L2 weight decay (torch.optim.Adam's default)
+        lambda ps: torch.optim.Adam(groups(ps, 1e-2, 0.1), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1,
+                                    foreach=False),
+        lambda ps: FusedAdam(groups(ps, 1e-2, 0.1), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+        ("exp_avg", "exp_avg_sq"),
+    ),
+    "adam_decoupled_amsgrad_maximize": (
+        lambda ps: torch.optim.Adam(groups(ps, 1e-2, 0.1), lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True,
+                                    decoupled_weight_decay=True, foreach=False),
+        lambda ps: FusedAdam(groups(ps, 1e-2, 0.1), lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True,
+                             decoupled_weight_decay=True),
+        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    ),
     "sgd_momentum": (
         lambda ps: torch.optim.SGD(groups(ps, 1e-2, 1e-2), lr=1e-2, momentum=0.9, dampening=0.1,
                                    weight_decay=1e-2, foreach=False),
@@ -132,7 +145,7 @@ PAIRS = {
 def force_single_tensor(opt):
     # a state_dict from fusedopt has no 'foreach'; torch then picks its default (False for CPU tensors
     # anyway): pin the single-tensor path, the one fusedopt mirrors
-    if isinstance(opt, (torch.optim.AdamW, torch.optim.SGD)):
+    if isinstance(opt, (torch.optim.Adam, torch.optim.SGD)):  # torch.optim.AdamW subclasses Adam
         for g in opt.param_groups:
             g["foreach"] = False
 
@@ -191,7 +204,7 @@ def test_fused_to_reference_mid_training(pair):
     assert_match(fused_params, fused, ref_params, ref, keys)
 
 
-@pytest.mark.parametrize("pair", ["adamw", "sgd_nesterov"])
+@pytest.mark.parametrize("pair", ["adamw", "adam", "sgd_nesterov"])
 def test_round_trip_with_a_torch_scheduler_attached(pair):
     """Mid-schedule in torch's sense: a torch LR scheduler on both sides; optimizer and scheduler state move
     from torch to fusedopt and back, and the runs stay together."""
@@ -221,6 +234,26 @@ def test_round_trip_with_a_torch_scheduler_attached(pair):
     run(back, back_params, GRADS[:N_STEPS], back_sched)
     run(fused, fused_params, GRADS[:N_STEPS], fused_sched)
     assert_match(back_params, back, fused_params, fused, keys)
+
+
+def test_adam_checkpoints_carry_the_decay_mode():
+    """decoupled_weight_decay is a param-group key, as in torch.optim.Adam: FusedAdam's checkpoint tells
+    torch.optim.Adam which decay to run, and a torch.optim.Adam checkpoint without the key (torch releases
+    before it existed) means L2 decay, as torch.optim.Adam.__setstate__ assumes."""
+    params = make_params()
+    fused = FusedAdam(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    run(fused, params, GRADS[:3])
+    sd = through_bytes(fused.state_dict())
+    assert [g["decoupled_weight_decay"] for g in sd["param_groups"]] == [True]
+    ref = torch.optim.Adam(clone_params(params), lr=1e-2, weight_decay=0.1, foreach=False)
+    ref.load_state_dict(sd)
+    assert ref.param_groups[0]["decoupled_weight_decay"] is True
+
+    old = torch.optim.Adam(clone_params(params), lr=1e-2, weight_decay=0.1, foreach=False).state_dict()
+    for g in old["param_groups"]:
+        del g["decoupled_weight_decay"]
+    fused.load_state_dict(old)
+    assert fused.param_groups[0]["decoupled_weight_decay"] is False
 
 
 def test_torch_adamw_checkpoint_into_a_table_schedule():

@@ -20,10 +20,11 @@ import torch
 from torch.optim import lr_scheduler as L
 from torch.optim.swa_utils import SWALR
 
-from fusedopt import FusedAdamW, FusedLion, FusedSGD, schedules
+from fusedopt import FusedAdam, FusedAdamW, FusedLion, FusedSGD, schedules
 
 TOL = dict(rtol=1e-6, atol=1e-6)
-TORCH = {"adamw": (FusedAdamW, torch.optim.AdamW), "sgd": (FusedSGD, torch.optim.SGD)}
+TORCH = {"adamw": (FusedAdamW, torch.optim.AdamW), "adam": (FusedAdam, torch.optim.Adam),
+         "sgd": (FusedSGD, torch.optim.SGD)}
 
 
 def _model(seed=0):
@@ -153,7 +154,7 @@ def test_differentiable_is_refused_with_torchs_exception_type(rule):
             ours_cls(_model().parameters(), **flags)
 
 
-@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD, FusedLion])
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedAdam, FusedSGD, FusedLion])
 def test_params_none_with_a_bad_lr_names_the_lr(cls):
     """torch checks the hyperparameters before the params."""
     with pytest.raises(ValueError, match="Invalid learning rate: -1"):
@@ -385,7 +386,7 @@ def test_table_checkpoint_into_torch_with_a_resumed_scheduler():
 # ----------------------------------------------------------------------------------------------------------
 # Accessors return values, never live state
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD, FusedLion])
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedAdam, FusedSGD, FusedLion])
 def test_accessors_do_not_alias_live_tensors(cls):
     kw = {"momentum": torch.tensor(0.9)} if cls is FusedSGD else {"betas": (torch.tensor(0.9), torch.tensor(0.99))}
     if cls is FusedLion:

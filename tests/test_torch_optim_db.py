@@ -39,6 +39,7 @@ if _flags_were_free:  # importing torch's test utilities freezes torch.backends 
 
 # torch.optim class name -> the fusedopt class that replaces it
 OURS = {
+    "Adam": fusedopt.FusedAdam,
     "AdamW": fusedopt.FusedAdamW,
     "SGD": fusedopt.FusedSGD,
 }

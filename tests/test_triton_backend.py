@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
@@ -32,7 +33,10 @@ except ImportError as e:  # a skip where Triton must exist (CI, a GPU) would hid
     if "triton" in expected_backends():
         raise
     pytest.skip(f"triton is not installed ({e})", allow_module_level=True)
+import triton.language as tl  # noqa: E402
+
 import fusedopt.triton as ft  # noqa: E402
+from fusedopt.triton import _jit as J  # noqa: E402
 from fusedopt.triton import adamw as ft_adamw, launcher, lion as ft_lion, sgd as ft_sgd  # noqa: E402
 
 if launcher.INTERPRET == CUDA:  # pragma: no cover - the kernels were imported in the other mode before us
@@ -212,7 +216,9 @@ def split(params, n_groups):
 
 
 def oracle_for(rule, groups):
-    if rule == "adamw":
+    if rule == "adamw":  # groups with decoupled_weight_decay=False are torch.optim.Adam's (L2 decay)
+        if any(g.get("decoupled_weight_decay", True) is False for g in groups):
+            return torch.optim.Adam(groups, foreach=False)
         return torch.optim.AdamW(groups, foreach=False)
     if rule == "sgd":
         return torch.optim.SGD(groups, foreach=False)
@@ -277,6 +283,9 @@ ADAMW_GROUPS = {
                          dict(lr=2e-3, betas=(0.85, 0.995), eps=1e-7, weight_decay=0.0, amsgrad=True,
                               maximize=True)],
 }
+ADAMW_GROUPS["adam_l2"] = [dict(g, decoupled_weight_decay=False, weight_decay=0.05) for g in ADAMW_GROUPS["plain"]]
+ADAMW_GROUPS["adam_l2_amsgrad_maximize"] = [dict(g, decoupled_weight_decay=False)
+                                            for g in ADAMW_GROUPS["amsgrad_maximize"]]
 SGD_GROUPS = {
     "plain": [dict(lr=1e-2), dict(lr=3e-2, weight_decay=1e-2)],
     "momentum": [dict(lr=1e-2, momentum=0.9), dict(lr=5e-3, momentum=0.8, weight_decay=1e-3)],
@@ -299,12 +308,13 @@ def compare_states_adamw(runner, oracle, oracle_params, tol, what):
                 assert normwise_error(st["max_exp_avg_sqs"][i], s["max_exp_avg_sq"]) <= tol, what
 
 
-# float32 against torch.optim: both round every intermediate to float32 and use the same double-precision
-# scalars rounded to float once (rules.h); what remains are the one-ulp differences of torch's vectorized
-# CPU kernels (lerp and add-with-alpha use FMA there; Python's pow vs rules.h power() for beta^step can move
-# a scalar by one float ulp). Measured over these 100-step runs: <= 1.7e-7 normwise (1-2 ulps of the tensor's
-# scale, 2**-23 = 1.2e-7). 1e-6 (8 ulps) leaves room for other seeds and is far below any real error: reading
-# the schedule table one step off already moves params by 7e-3 (AdamW) / 3.6e-2 (SGD) here.
+# float32 against torch.optim: both round every intermediate to float32 the same way (fused multiply-adds where
+# torch's CPU ops fuse) and use the same double-precision scalars rounded to float once (rules.h); what
+# remains is torch's CPU sqrt in AdamW's denominator (one ulp off the correctly rounded value for ~20% of
+# float32 inputs) and the rare (beta, step) where Python's pow is not correctly rounded. Measured over these
+# 100-step runs before the roundings were aligned: <= 1.7e-7 normwise (1-2 ulps of the tensor's scale,
+# 2**-23 = 1.2e-7). 1e-6 (8 ulps) leaves room for other seeds and is far below any real error: reading the
+# schedule table one step off already moves params by 7e-3 (AdamW) / 3.6e-2 (SGD) here.
 F32_TOL = 1e-6
 F64_TOL = 1e-12  # the same argument with 2**-52 ulps (measured: ~1e-15)
 
@@ -315,8 +325,10 @@ F64_TOL = 1e-12  # the same argument with 2**-52 ulps (measured: ~1e-15)
 
 
 @pytest.mark.parametrize("dtype, variant", [(torch.float32, "plain"), (torch.float32, "amsgrad_maximize"),
-                                            (torch.float64, "amsgrad_maximize")])
+                                            (torch.float64, "amsgrad_maximize"), (torch.float32, "adam_l2"),
+                                            (torch.float64, "adam_l2_amsgrad_maximize")])
 def test_adamw_vs_torch(dtype, variant):
+    """AdamW, and torch.optim.Adam (the same kernel with decoupled_weight_decay=False: the adam_* variants)."""
     steps = 100
     runner, ours, (ref,), (oracle,) = run_vs_oracle("adamw", dtype, ADAMW_GROUPS[variant], steps)
     tol = F32_TOL if dtype == torch.float32 else F64_TOL
@@ -342,12 +354,13 @@ def test_sgd_vs_torch(dtype, variant):
 
 
 def check_lion(ours, ref, group_hparams, tol, what):
-    """Lion's update is lr * sign(blended): where the blend of momentum and gradient is within an ulp of
-    zero, torch's FMA-contracted add (lion-pytorch's `mul_(beta1).add(grad, alpha=1 - beta1)`) and our
-    separately rounded multiply and add can give different signs, and that element's param then differs by
-    lr or 2 lr and keeps the offset (params do not feed back into Lion's momentum). Such near-ties are rare
-    with Gaussian grads, so: count the elements that differ beyond rounding and bound the count (1% of the
-    elements, at least 1), and bound how far a differing element may be off (a few flips' worth of lr)."""
+    """Lion's update is lr * sign(blended): the blend is one fused multiply-add in lion-pytorch (torch's CPU
+    add(alpha=)) and in our rules, so both agree to the bit; where a blend is within an ulp of zero any other
+    rounding (a GPU run, the master copy of a low-precision param) can give a different sign, and that
+    element's param then differs by lr or 2 lr and keeps the offset (params do not feed back into Lion's
+    momentum). Such near-ties are rare with Gaussian grads, so: count the elements that differ beyond
+    rounding and bound the count (1% of the elements, at least 1), and bound how far a differing element may
+    be off (a few flips' worth of lr)."""
     total = differing = 0
     for gi, (a, b, hp) in enumerate(zip(ours, ref, group_hparams)):
         for i, (p, q) in enumerate(zip(a, b)):
@@ -621,6 +634,61 @@ def test_real_grad_scaler_and_clip_grad_norm(rule):
     else:
         for i, (p, q) in enumerate(zip(groups[0]["params"], ref)):
             assert normwise_error(p, q) <= F32_TOL, f"{rule} param {i}: {normwise_error(p, q):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused multiply-add of the rules (_jit.fma): one rounding, compiled and interpreted
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=0)
+    b = tl.load(b_ptr + offs, mask=mask, other=0)
+    c = tl.load(c_ptr + offs, mask=mask, other=0)
+    tl.store(out_ptr + offs, J.fma(a, b, c), mask=mask)
+
+
+def _correctly_rounded(q, dtype):
+    """The Fraction q rounded to nearest (ties to even) in float32 / float64."""
+    import numpy as np
+
+    if dtype == torch.float64:
+        return float(q)  # Fraction.__float__ rounds correctly
+    near = np.float32(float(q))  # may be off by the double rounding; pick the nearest neighbour exactly
+    cands = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]
+    return float(min(cands, key=lambda c: (abs(Fraction(float(c)) - q), int(np.float32(c).view(np.int32)) & 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fma_rounds_once(dtype):
+    """J.fma(a, b, c) == a * b + c rounded once, checked against exact rational arithmetic, on inputs where
+    rounding a * b first changes the result: random values, near-cancellations (c ~ -a * b, where the
+    product's rounding error is the whole result) and mixed magnitudes. (Under the interpreter, whose tl.fma
+    rounds twice, this tests the exact emulation.)"""
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+    a = torch.randn(n, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    c = torch.randn(n, generator=gen, dtype=torch.float64)
+    a, b = a.to(dtype), b.to(dtype)
+    third = n // 3
+    c[:third] = -(a[:third].double() * b[:third].double()) * (1 + 1e-7 * torch.randn(third, generator=gen,
+                                                                                       dtype=torch.float64))
+    c[third:2 * third] *= 1e-6
+    c = c.to(dtype)
+    out = torch.empty_like(a)
+    dev = [t.to(DEVICE) for t in (a, b, c, out)]
+    _fma_kernel[(triton.cdiv(n, 1024),)](*dev, n, BLOCK=1024)
+    got = dev[3].cpu().tolist()
+    want = [_correctly_rounded(Fraction(x) * Fraction(y) + Fraction(z), dtype)
+            for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+    bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    assert not bad, f"{len(bad)} of {n} differ; first: index {bad[0]}: {got[bad[0]]!r} vs {want[bad[0]]!r}"
+    twice = (a * b + c).tolist()  # two roundings: these inputs must tell the two apart
+    assert sum(t != w for t, w in zip(twice, want)) > n // 10
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -942,8 +1010,9 @@ def _can_compile_for_nvidia():
 
 def test_compiled_kernels_keep_the_cpu_numerics():
     """Compiles the three kernels (all dtypes, all controls on; and a variant with everything off) for sm_90
-    in a subprocess without TRITON_INTERPRET, and checks the PTX: no FMA and no contractible float add/mul
-    (the C++ kernels are built with -ffp-contract=off), IEEE division and square root only, round-to-nearest
+    in a subprocess without TRITON_INTERPRET, and checks the PTX: round-to-nearest FMAs (the rules' explicit
+    ones, as rules.h's fma_host_device) and no other fused or contractible float add/mul (the C++ kernels are
+    built with -ffp-contract=off), IEEE division and square root only, round-to-nearest
     conversions, 128-bit (or, for
     float64, 2 x 64-bit) vector accesses when the addresses are aligned, and the atomic of AdamW's last
     program, preceded by a block-wide barrier (no warp may still read its step when thread 0 signals that
@@ -960,7 +1029,7 @@ def test_compiled_kernels_keep_the_cpu_numerics():
     assert len(results) >= 12
     for r in results:
         what = f"{r['kernel']} {r['constexprs']}"
-        assert r["fma"] == 0 and r["contractible"] == 0, what
+        assert r["fma_rn"] > 0 and r["fma_other"] == 0 and r["contractible"] == 0, what
         assert r["div_approx"] == 0 and r["sqrt_approx"] == 0 and r["cvt_not_rn"] == 0, what
         if r["constexprs"]["ALIGNED"] == "True":
             assert (r["ld_v4"] if r["constexprs"]["P_DTYPE"] != "fp64" else r["ld_v2"]) > 0, what
@@ -989,6 +1058,9 @@ CLASS_CASES = {
     "adamw": ("FusedAdamW", lambda groups, **kw: torch.optim.AdamW(groups, foreach=False, **kw),
               [dict(lr=1e-2, weight_decay=1e-2), dict(lr=3e-3, weight_decay=0.0, amsgrad=True)],
               dict(betas=(0.9, 0.99))),
+    "adam": ("FusedAdam", lambda groups, **kw: torch.optim.Adam(groups, foreach=False, **kw),
+             [dict(lr=1e-2, weight_decay=1e-2), dict(lr=3e-3, weight_decay=0.0, amsgrad=True)],
+             dict(betas=(0.9, 0.99))),
     "sgd": ("FusedSGD", lambda groups, **kw: torch.optim.SGD(groups, foreach=False, **kw),
             [dict(lr=1e-2, momentum=0.9, nesterov=True), dict(lr=3e-2, momentum=0.8, dampening=0.1)],
             dict(weight_decay=1e-3)),
@@ -998,7 +1070,7 @@ CLASS_CASES = {
 
 
 @pytest.mark.filterwarnings("ignore:fusedopt")  # "the schedule table ... read past its end": on purpose
-@pytest.mark.parametrize("rule", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("rule", ["adamw", "adam", "sgd", "lion"])
 def test_optimizer_class_with_warmup_cosine_vs_lambdalr(rule):
     import fusedopt
     from fusedopt import schedules
@@ -1153,8 +1225,9 @@ def test_gpu_large_tensors_bitwise_vs_cpu_op(rule, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_gpu_agrees_with_cuda_backend(rule, dtype):
     """Against torch.ops.fusedopt.* on CUDA tensors (the hand-written CUDA kernels). Both implement rules.h
-    without FMA contraction (nvcc --fmad=false, Triton enable_fp_fusion=False), with IEEE division and square
-    root and round-to-nearest conversions, and each is bit-equal to the CPU op: so bit-equal to each other."""
+    with the same explicit fused multiply-adds and no other contraction (nvcc --fmad=false, Triton
+    enable_fp_fusion=False), with IEEE division and square root and round-to-nearest conversions, and each is
+    bit-equal to the CPU op: so bit-equal to each other."""
     require_backend("cuda")
     dev = torch.device("cuda")
     runners = []

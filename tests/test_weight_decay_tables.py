@@ -20,7 +20,7 @@ from torch.optim import lr_scheduler as L
 
 import fusedopt
 from conftest import usable_backends
-from fusedopt import FusedAdamW, FusedLion, FusedSGD, schedules
+from fusedopt import FusedAdam, FusedAdamW, FusedLion, FusedSGD, schedules
 
 N, W = 40, 5
 BASE_WD = 0.04
@@ -44,6 +44,9 @@ def _model():
 RULES = {
     "adamw": (lambda groups, **kw: FusedAdamW(groups, lr=1e-2, **kw),
               lambda groups: torch.optim.AdamW(groups, lr=1e-2, foreach=False)),
+    # torch.optim.Adam's L2 decay read from the column (the kernels' decoupled_weight_decay=False)
+    "adam": (lambda groups, **kw: FusedAdam(groups, lr=1e-2, **kw),
+             lambda groups: torch.optim.Adam(groups, lr=1e-2, foreach=False)),
     "sgd": (lambda groups, **kw: FusedSGD(groups, lr=1e-2, momentum=0.9, nesterov=True, **kw),
             lambda groups: torch.optim.SGD(groups, lr=1e-2, momentum=0.9, nesterov=True, foreach=False)),
     "lion": (lambda groups, **kw: FusedLion(groups, lr=1e-3, **kw), lambda groups: Lion(groups, lr=1e-3)),

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "fusedopt/rules.h"
@@ -63,18 +64,47 @@ void for_each_chunk(at::TensorList params, const Fn& fn) {
 }
 
 // The inner loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC function
-// multiversioning), as torch does for its own CPU kernels. Contraction into FMA stays off (-ffp-contract=off),
-// so every variant rounds exactly the same way and results do not depend on the machine.
+// multiversioning), as torch does for its own CPU kernels. Contraction into FMA stays off (-ffp-contract=off):
+// the rules fuse a multiply-add only where they say so (fma_host_device, where torch's eager ops fuse), so
+// every variant rounds exactly the same way and results do not depend on the machine. The vectorized
+// variants must include FMA: "avx2" alone does not (Haswell added AVX2 and FMA as separate extensions), so
+// they are x86-64-v3 (AVX2, FMA, BMI, ...) and x86-64-v4 (plus AVX-512 F/BW/DQ/VL); std::fma is then one
+// vfmadd instruction per vector. Only the baseline variant, for CPUs without FMA (before 2013), calls libm's
+// fma per element (glibc: a software fused multiply-add; see benchmarks/README.md for its cost).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ < 11
-#define FUSEDOPT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))  // no x86-64-v4 before GCC 11
+// No x86-64-v3 / v4 names before GCC 11, and target_clones cannot combine features in one clone: "fma"
+// (which implies AVX) is the vectorized variant there.
+#define FUSEDOPT_CPU_CLONES __attribute__((target_clones("fma", "default")))
 #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // The AVX-512 variant is x86-64-v4 (F, BW, DQ, VL), not plain avx512f: bf16 / fp16 params are packed with 16-bit
 // lane instructions (AVX512BW), without which a bf16 loop drops to 256-bit AVX2 code with register spills
 // (measured: bf16 + master AdamW 1.6x slower than float32 on one core, the same bytes per param).
-#define FUSEDOPT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define FUSEDOPT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FUSEDOPT_CPU_CLONES
 #endif
+
+// Loop-invariant choices become template arguments of the inner loops, so no control flow is left in them (with
+// bf16 / fp16 storage GCC does not if-convert the rules' selects next to the conversions, and the loop would
+// not vectorize). bool_dispatch calls fn(std::true_type{}) or fn(std::false_type{}).
+template <typename Fn>
+void bool_dispatch(bool b, const Fn& fn) {
+  b ? fn(std::true_type{}) : fn(std::false_type{});
+}
+
+// fn(kMaster tag) for the (param, state) dtype pairs dispatch_param_state (op_args.h) produces: states of
+// another dtype than the params mean master weights, states of the params' dtype other than float32 mean
+// none; only float32 params may come either way. Unreachable pairs are not instantiated.
+template <typename P, typename S, typename Fn>
+void master_dispatch(bool master, const Fn& fn) {
+  if constexpr (!std::is_same_v<S, P>) {
+    fn(std::true_type{});
+  } else if constexpr (!std::is_same_v<S, float>) {
+    fn(std::false_type{});
+  } else {
+    bool_dispatch(master, fn);
+  }
+}
 
 // The parameter as the update sees it: its float32 master copy when there is one, else the param itself.
 template <bool kMaster, typename T, typename P, typename S>

@@ -1,4 +1,5 @@
-// The per-element update rules of fusedopt: the one place where the math of AdamW, SGD and Lion is written.
+// The per-element update rules of fusedopt: the one place where the math of AdamW / Adam, SGD and Lion is
+// written.
 //
 // Everything here is __host__ __device__ so that the CPU kernels (csrc/cpu), the CUDA kernels (csrc/cuda)
 // and the host-executed CUDA block tests all run exactly this code. The Triton kernels (fusedopt/triton)
@@ -6,10 +7,17 @@
 //
 // Conventions
 // - `T` is the math type: float for float32 / bfloat16 / float16 storage, double for float64 storage.
-// - The order of operations follows torch.optim's single-tensor implementations (and lion-pytorch's Lion),
-//   so that float32 results agree with those oracles to the last few ulps. Scalars that torch computes on
-//   the host in double (1 - lr*wd, lr / bias_correction1, ...) are computed here in double too and rounded
-//   to T once, where torch rounds them when it passes a Python float to a float32 tensor op.
+// - The operations and their roundings are those of torch.optim's single-tensor implementations (and
+//   lion-pytorch's Lion) on torch's CPU kernels, so that float32 / float64 results are, as far as possible,
+//   bit for bit the eager ones. Where torch's CPU op rounds a*b+c once, the rule calls fma() (below), an
+//   explicit fused multiply-add: the results do not depend on the compiler or the machine (the kernels are
+//   built with -ffp-contract=off, so no other a*b+c is fused). Measured on torch's CPU kernels (vectorized
+//   body and scalar tail, float32 and float64): x.add_(y, alpha=a) == fma(a, y, x); lerp_ == fma(w, e - s, s)
+//   for |w| < 0.5, else fma(-(e - s), 1 - w, e); v.addcmul_(a, b, value=c) == fma(c * a, b, v);
+//   p.addcdiv_(a, b, value=c) == p + (c * a) / b (no fusion); mul_, sqrt, '/' and add_ of a scalar round
+//   once each. Scalars that torch computes on the host in double (1 - lr*wd, lr / bias_correction1, ...)
+//   are computed here in double too and rounded to T once, where torch rounds them when it passes a Python
+//   float to a tensor op.
 // - Per-step scalars that depend on the schedule table or on the step count are resolved once per tensor
 //   (CPU) or once per block (CUDA) by the make_*_scalars functions below, never per element.
 #pragma once
@@ -39,8 +47,9 @@ FUSEDOPT_HD T transform_grad(T g, const GradTransform<T>& t) {
   return g * (t.maximize ? T(-1) : T(1));  // exact negation, and no branch in the element loop
 }
 
-// torch's lerp: two formulas so that weight 0 and weight 1 are both exact. Which one applies depends only
-// on the weight, so kernels decide it once (lerp_weight_is_small) and pass it in.
+// torch's lerp (at::native lerp, vectorized as fmadd / fnmadd): two formulas so that weight 0 and weight 1
+// are both exact, each one rounding of a fused multiply-add. Which one applies depends only on the weight,
+// so kernels decide it once (lerp_weight_is_small) and pass it in.
 template <typename T>
 FUSEDOPT_HD bool lerp_weight_is_small(T weight) {
   return weight < T(0.5) && weight > T(-0.5);
@@ -48,7 +57,11 @@ FUSEDOPT_HD bool lerp_weight_is_small(T weight) {
 
 template <typename T>
 FUSEDOPT_HD T lerp(T self, T end, T weight, bool small_weight) {
-  return small_weight ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
+  const T diff = end - self;
+  // both computed, then selected: a plain select (no conditional call) keeps the CPU loops vectorizable
+  const T from_self = fma_host_device(weight, diff, self);
+  const T from_end = fma_host_device(-diff, T(1) - weight, end);
+  return small_weight ? from_self : from_end;
 }
 
 // torch.sign: sign(0) == 0, sign(NaN) == 0 (a NaN never moves a Lion parameter).
@@ -57,21 +70,42 @@ FUSEDOPT_HD T sign(T x) {
   return static_cast<T>((x > T(0)) - (x < T(0)));
 }
 
+// base^exponent correctly rounded (but for near-ties at the 2^-100 level), as Python's `beta ** step` in
+// torch.optim gives it (glibc's pow is correctly rounded in all but ~0.1% of the (beta, step) pairs we
+// checked): exponentiation by squaring in double-double arithmetic, whose products are exact by the fused
+// multiply-add. Identical on host and device (no libm), exact in its error analysis for exponent < 2^63.
+// (Plain double squaring, used before, differed from Python's pow for almost every step.)
+struct DoubleDouble {
+  double hi;
+  double lo;  // |lo| <= ulp(hi) / 2
+};
+
+FUSEDOPT_HD DoubleDouble dd_mul(DoubleDouble a, DoubleDouble b) {
+  const double p = a.hi * b.hi;
+  double e = fma_host_device(a.hi, b.hi, -p);  // the exact rounding error of p
+  e = e + (a.hi * b.lo + a.lo * b.hi);
+  const double hi = p + e;
+  return DoubleDouble{hi, e - (hi - p)};  // fast two-sum (|p| >= |e|)
+}
+
 FUSEDOPT_HD double power(double base, int64_t exponent) {
-  // Exponentiation by squaring: identical on host and device, exact for exponent <= 2^53, no libm.
-  double result = 1.0;
+  DoubleDouble result{1.0, 0.0};
+  DoubleDouble b{base, 0.0};
   int64_t e = exponent;
   while (e > 0) {
-    if (e & 1) result *= base;
-    base *= base;
+    if (e & 1) result = dd_mul(result, b);
     e >>= 1;
+    if (e > 0) b = dd_mul(b, b);
   }
-  return result;
+  return result.hi;  // hi == RN(hi + lo)
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // AdamW (torch.optim.AdamW, single-tensor) and Adam (torch.optim.Adam, single-tensor): one rule, the weight
 // decay either decoupled (AdamW: p *= 1 - lr * wd) or added to the gradient (Adam's L2: g = g + wd * p).
+// torch's ops, in order: [grad.add(param, alpha=wd)], param.mul_(1 - lr*wd), exp_avg.lerp_(grad, 1 - beta1),
+// exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2), [torch.maximum], denom =
+// (v.sqrt() / bias_correction2_sqrt).add_(eps), param.addcdiv_(exp_avg, denom, value=-step_size).
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
 struct AdamWScalars {
@@ -114,22 +148,25 @@ template <typename T>
 FUSEDOPT_HD void adamw_update(T& p, T g, T& m, T& v, T& max_v, const AdamWScalars<T>& s) {
   // Adam's L2 decay, on the (maximize-negated) gradient and the pre-update param; a select, so the loop
   // stays branch-free, and skipped at 0 like torch (0 * inf would turn an inf param's gradient into NaN)
-  g = s.l2_weight_decay != T(0) ? g + s.l2_weight_decay * p : g;
+  const T g_decayed = fma_host_device(s.l2_weight_decay, p, g);  // computed, then selected (see lerp)
+  g = s.l2_weight_decay != T(0) ? g_decayed : g;
   p = p * s.decay;
   m = lerp(m, g, s.one_minus_beta1, s.lerp_small_weight);
   v = v * s.beta2;
-  v = v + s.one_minus_beta2 * g * g;
+  v = fma_host_device(s.one_minus_beta2 * g, g, v);  // addcmul_: (value * grad) rounded, then fused
   T second_moment = v;
   if (s.amsgrad) {
     max_v = max_v > v ? max_v : v;  // torch.maximum; a NaN in v propagates through the else branch
     second_moment = max_v;
   }
   const T denom = sqrt_host_device(second_moment) / s.bias_correction2_sqrt + s.eps;
-  p = p + s.neg_step_size * (m / denom);
+  p = p + (s.neg_step_size * m) / denom;  // addcdiv_: (value * exp_avg) / denom, then added
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// SGD with momentum, dampening and Nesterov (torch.optim.SGD, single-tensor)
+// SGD with momentum, dampening and Nesterov (torch.optim.SGD, single-tensor). torch's ops, each a fused
+// multiply-add: grad.add(param, alpha=wd), buf.mul_(momentum).add_(grad, alpha=1 - dampening),
+// grad.add(buf, alpha=momentum), param.add_(grad, alpha=-lr).
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
 struct SGDScalars {
@@ -160,16 +197,23 @@ FUSEDOPT_HD SGDScalars<T> make_sgd_scalars(double lr, double momentum, double da
 // One element. `buf` is read and written only when use_momentum is set.
 template <typename T>
 FUSEDOPT_HD void sgd_update(T& p, T g, T& buf, const SGDScalars<T>& s) {
-  if (s.weight_decay != T(0)) g = g + s.weight_decay * p;
+  // Each choice below depends only on the scalars: both sides are computed and one is selected, a plain
+  // select that keeps the CPU loops vectorizable (a conditional fused multiply-add is a call to if-convert).
+  const T g_decayed = fma_host_device(s.weight_decay, p, g);
+  g = s.weight_decay != T(0) ? g_decayed : g;  // skipped at 0, like torch
   if (s.use_momentum) {
-    buf = s.first_step ? g : buf * s.momentum + s.one_minus_dampening * g;
-    g = s.nesterov ? g + s.momentum * buf : buf;
+    const T buf_updated = fma_host_device(s.one_minus_dampening, g, buf * s.momentum);
+    buf = s.first_step ? g : buf_updated;
+    const T g_nesterov = fma_host_device(s.momentum, buf, g);
+    g = s.nesterov ? g_nesterov : buf;
   }
-  p = p + s.neg_lr * g;
+  p = fma_host_device(s.neg_lr, g, p);
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Lion (lion-pytorch's Lion; weight decay multiplies the parameter by 1 - lr * wd)
+// Lion (lion-pytorch's Lion; weight decay multiplies the parameter by 1 - lr * wd). lion-pytorch's ops:
+// p.mul_(1 - lr*wd), exp_avg.clone().mul_(beta1).add(grad, alpha=1 - beta1).sgn_(), p.add_(update,
+// alpha=-lr), exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2): the adds with alpha are fused multiply-adds.
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
 struct LionScalars {
@@ -196,10 +240,9 @@ FUSEDOPT_HD LionScalars<T> make_lion_scalars(double lr, double beta1, double bet
 template <typename T>
 FUSEDOPT_HD void lion_update(T& p, T g, T& m, const LionScalars<T>& s) {
   p = p * s.decay;
-  const T blended = m * s.beta1 + s.one_minus_beta1 * g;
-  p = p + s.neg_lr * sign(blended);
-  m = m * s.beta2;
-  m = m + s.one_minus_beta2 * g;
+  const T blended = fma_host_device(s.one_minus_beta1, g, m * s.beta1);
+  p = fma_host_device(s.neg_lr, sign(blended), p);  // (-lr * +-1 is exact: the same as p + neg_lr * sign)
+  m = fma_host_device(s.one_minus_beta2, g, m * s.beta2);
 }
 
 }  // namespace fusedopt

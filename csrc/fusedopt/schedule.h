@@ -1,4 +1,4 @@
-// Reading the on-device schedule table, and the few portability macros every kernel header needs.
+// Reading the on-device schedule table, and the few portability helpers every kernel header needs.
 //
 // A schedule table is a float64 vector of per-step values (absolute learning rates, or momentum / beta1
 // values) living on the parameters' device. The step counter is an int64 scalar on the same device that
@@ -29,6 +29,26 @@ FUSEDOPT_HD double sqrt_host_device(double x) {
   return ::sqrt(x);
 #else
   return std::sqrt(x);
+#endif
+}
+
+// a * b + c rounded once (IEEE fusedMultiplyAdd), on every compiler and machine. The rules call it exactly
+// where torch's CPU ops fuse; every other a*b+c rounds twice (-ffp-contract=off on the host, --fmad=false
+// for nvcc). On the host std::fma becomes one vfmadd instruction in the AVX2 / AVX-512 clones of the CPU
+// loops (both x86-64-v3 or later) and a libm call in the baseline clone.
+FUSEDOPT_HD float fma_host_device(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+FUSEDOPT_HD double fma_host_device(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
 #endif
 }
 

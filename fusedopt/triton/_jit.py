@@ -1,12 +1,14 @@
 """Device-side helpers shared by the three Triton kernels: the Triton spelling of csrc/fusedopt/rules.h and
 csrc/fusedopt/schedule.h (everything that is not one rule's own per-element update).
 
-Numerics, so that float32 results are bit-identical to the C++ kernels (which compile rules.h with
--ffp-contract=off):
+Numerics, so that results are bit-identical to the C++ kernels (which compile rules.h with -ffp-contract=off):
   * float32 division and square root use tl.div_rn / tl.sqrt_rn (IEEE round-to-nearest, like the C++ '/' and
     std::sqrt / sqrtf); Triton's plain '/' and tl.sqrt are approximate for float32. For float64 the plain
     operators already lower to div.rn.f64 / sqrt.rn.f64 (and tl.div_rn / tl.sqrt_rn only accept float32).
-  * the launcher compiles with enable_fp_fusion=False, so no a*b+c is contracted into an FMA.
+  * the launcher compiles with enable_fp_fusion=False, so no a*b+c is contracted into an FMA; the rules fuse
+    exactly where rules.h calls fma_host_device, through fma() below (tl.fma: fma.rn). The interpreter's
+    tl.fma rounds twice (numpy's a * b + c), so under the interpreter fma() computes the fused result exactly
+    in numpy with error-free transformations instead.
   * the Triton interpreter's bfloat16 conversions are not exact (float32 -> bfloat16 truncates, bfloat16 ->
     float32 mishandles subnormals), so under the interpreter (SOFT_BF16) both are done with integer
     operations exactly as c10::BFloat16 does them; compiled kernels use the hardware conversions
@@ -169,29 +171,109 @@ def sqrt(x):
         return tl.sqrt_rn(x)
 
 
+def _fma_exact_numpy(x, y, z):
+    """x * y + z with one rounding, for numpy arrays of one float dtype (float32 or float64), from operations
+    that each round once. float32: x * y is exact in float64, and the float64 sum rounded to odd rounds
+    correctly to float32. float64 (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums: proved
+    algorithms using rounding to odd", IEEE TC 2008): x * y = uh + ul exactly (Dekker's product with
+    Veltkamp's split), z + uh = th + tl exactly (TwoSum), result = RN(th + RO(tl + ul)). Exact unless a
+    float64 product underflows (|x * y| < 2^-969) or |x|, |y| exceed 2^995, far outside an optimizer's
+    values; non-finite results are x * y + z."""
+    import numpy as np
+
+    def two_sum_error(a, b, s):
+        bb = s - a
+        return (a - (s - bb)) + (b - bb)
+
+    def round_to_odd(s, err):  # s + err exact; s stays where exact or odd, else moves one ulp towards err
+        bits = s.view(np.int64)
+        moved = (bits + np.where((err > 0) == (s > 0), 1, -1).astype(np.int64)).view(np.float64)
+        return np.where((err != 0) & (err == err) & ((bits & 1) == 0), moved, s)
+
+    with np.errstate(all="ignore"):
+        if z.dtype == np.float64:
+            x, y, z = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (x, y, z)))
+            split = 134217729.0  # 2^27 + 1
+            tx = x * split
+            xh = tx - (tx - x)
+            xl = x - xh
+            ty = y * split
+            yh = ty - (ty - y)
+            yl = y - yh
+            uh = x * y
+            ul = ((xh * yh - uh) + xh * yl + xl * yh) + xl * yl
+            th = z + uh
+            tl_ = two_sum_error(z, uh, th)
+            v = tl_ + ul
+            v = round_to_odd(v, two_sum_error(tl_, ul, v))
+            r = th + v
+            return np.where(np.isfinite(r), r, x * y + z)
+        x64, y64, z64 = (np.asarray(v).astype(np.float64) for v in (x, y, z))
+        ab = x64 * y64
+        s = ab + z64
+        return round_to_odd(np.asarray(s, dtype=np.float64), two_sum_error(ab, z64, s)).astype(np.float32)
+
+
+if _INTERPRET:
+    def fma(a, b, c):
+        """schedule.h fma_host_device(): a * b + c rounded once (a, b, c of one float dtype). The interpreter's
+        tl.fma rounds twice (numpy's a * b + c), so this computes the fused result exactly in numpy on the
+        interpreter's tensors (a plain function: the interpreter runs kernels as Python)."""
+        from triton.runtime.interpreter import TensorHandle
+
+        out = _fma_exact_numpy(a.handle.data, b.handle.data, c.handle.data)
+        result = max((a, b, c), key=lambda t: len(t.shape))  # the block operand (or a scalar) gives the type
+        return tl.core.tensor(TensorHandle(out.reshape(result.handle.data.shape), c.handle.dtype.scalar),
+                              result.type)
+else:
+    @triton.jit
+    def fma(a, b, c):
+        """schedule.h fma_host_device(): a * b + c rounded once (fma.rn), of one float dtype."""
+        return tl.fma(a, b, c)
+
+
+@device_function
+def _dd_mul(ah, al, bh, bl):
+    """rules.h dd_mul(): (ah + al) * (bh + bl) in double-double arithmetic."""
+    p = ah * bh
+    e = fma(ah, bh, -p)
+    e = e + (ah * bl + al * bh)
+    hi = p + e
+    return hi, e - (hi - p)
+
+
 @device_function
 def power2(base_a, base_b, exponent):
-    """(power(base_a, exponent), power(base_b, exponent)) with rules.h power(), exponentiation by squaring in
-    double: each result goes through exactly the multiplications of power(); the two share the loop control
-    (half the work under the interpreter)."""
-    result_a = tl.full((), 1.0, tl.float64)
-    result_b = tl.full((), 1.0, tl.float64)
+    """(power(base_a, exponent), power(base_b, exponent)) with rules.h power(): exponentiation by squaring in
+    double-double arithmetic, each result through exactly the operations of power() (the squarings after the
+    last used one change nothing); the two share the loop control (half the work under the interpreter)."""
+    zero = tl.full((), 0.0, tl.float64)
+    ra_h = tl.full((), 1.0, tl.float64)
+    rb_h = tl.full((), 1.0, tl.float64)
+    ra_l, rb_l, ba_l, bb_l = zero, zero, zero, zero
+    ba_h, bb_h = base_a, base_b
     e = exponent.to(tl.int64)
     while e > 0:
         odd = (e & 1) != 0
-        result_a = tl.where(odd, result_a * base_a, result_a)
-        result_b = tl.where(odd, result_b * base_b, result_b)
-        base_a = base_a * base_a
-        base_b = base_b * base_b
+        na_h, na_l = _dd_mul(ra_h, ra_l, ba_h, ba_l)
+        nb_h, nb_l = _dd_mul(rb_h, rb_l, bb_h, bb_l)
+        ra_h = tl.where(odd, na_h, ra_h)
+        ra_l = tl.where(odd, na_l, ra_l)
+        rb_h = tl.where(odd, nb_h, rb_h)
+        rb_l = tl.where(odd, nb_l, rb_l)
+        ba_h, ba_l = _dd_mul(ba_h, ba_l, ba_h, ba_l)
+        bb_h, bb_l = _dd_mul(bb_h, bb_l, bb_h, bb_l)
         e = e >> 1
-    return result_a, result_b
+    return ra_h, rb_h
 
 
 @device_function
 def lerp(self, end, weight):
-    """rules.h lerp() (torch's two-formula lerp); weight is a scalar of the math type."""
+    """rules.h lerp() (torch's two-formula lerp, each a fused multiply-add); weight is a scalar of the math
+    type."""
     small = (weight < 0.5) & (weight > -0.5)
-    return tl.where(small, self + weight * (end - self), end - (end - self) * (1.0 - weight))
+    diff = end - self
+    return tl.where(small, fma(weight, diff, self), fma(-diff, 1.0 - weight, end))
 
 
 @device_function

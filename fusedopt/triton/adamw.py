@@ -31,11 +31,11 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs
 
     # rules.h adamw_update(), same operations in the same order
     if not DECOUPLED:  # Adam's L2 decay (l2_weight_decay is 0 and decay 1 in AdamW mode, as in rules.h)
-        g = tl.where(l2_weight_decay != 0, g + l2_weight_decay * p, g)
+        g = tl.where(l2_weight_decay != 0, J.fma(l2_weight_decay, p, g), g)
     p = p * decay
     m = J.lerp(m, g, one_minus_beta1)
     v = v * beta2
-    v = v + one_minus_beta2 * g * g
+    v = J.fma(one_minus_beta2 * g, g, v)
     second_moment = v
     if AMSGRAD:
         max_v = J.load_elems(vmax_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
@@ -43,7 +43,7 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs
         second_moment = max_v
         J.store_elems(vmax_addr, offs, max_v, mask, S_DTYPE, ALIGNED, SOFT_BF16)
     denom = J.div(J.sqrt(second_moment), bias_correction2_sqrt) + eps
-    p = p + neg_step_size * J.div(m, denom)
+    p = p + J.div(neg_step_size * m, denom)
 
     J.store_elems(m_addr, offs, m, mask, S_DTYPE, ALIGNED, SOFT_BF16)
     J.store_elems(v_addr, offs, v, mask, S_DTYPE, ALIGNED, SOFT_BF16)

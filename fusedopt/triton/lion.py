@@ -24,10 +24,9 @@ def _lion_elements(p_addr, g_addr, m_addr, master_addr, offs, mask,
 
     # rules.h lion_update(), same operations in the same order
     p = p * decay
-    blended = m * beta1 + one_minus_beta1 * g
-    p = p + neg_lr * J.sign(blended)
-    m = m * beta2
-    m = m + one_minus_beta2 * g
+    blended = J.fma(one_minus_beta1, g, m * beta1)
+    p = J.fma(neg_lr, J.sign(blended), p)
+    m = J.fma(one_minus_beta2, g, m * beta2)
 
     J.store_elems(m_addr, offs, m, mask, S_DTYPE, ALIGNED, SOFT_BF16)
     J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)

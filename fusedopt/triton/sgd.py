@@ -25,20 +25,20 @@ def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, offs, mask,
                          inv_scale, clip_coef, MAXIMIZE)
 
     # rules.h sgd_update(), same operations in the same order
-    g = tl.where(weight_decay != 0, g + weight_decay * p, g)  # `if (s.weight_decay != T(0))`, a scalar test
+    g = tl.where(weight_decay != 0, J.fma(weight_decay, p, g), g)  # skipped at 0, like torch
     if USE_MOMENTUM:
         # first_step: a runtime flag (one compiled kernel for the first and the later steps, see launcher.py)
         if first_step != 0:
             buf = g  # torch creates the buffer as a copy of the gradient (sgd.cpp does not read it)
         else:
             buf = J.load_elems(buf_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
-            buf = buf * momentum + one_minus_dampening * g
+            buf = J.fma(one_minus_dampening, g, buf * momentum)
         if NESTEROV:
-            g = g + momentum * buf
+            g = J.fma(momentum, buf, g)
         else:
             g = buf
         J.store_elems(buf_addr, offs, buf, mask, S_DTYPE, ALIGNED, SOFT_BF16)
-    p = p + neg_lr * g
+    p = J.fma(neg_lr, g, p)
 
     J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
 

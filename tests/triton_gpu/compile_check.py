@@ -3,7 +3,8 @@
 Run as a script (TRITON_INTERPRET must be unset: the interpreter does not compile); prints one JSON object
 per kernel variant. tests/test_triton_backend.py runs it in a subprocess, so that CPU-only CI still checks
 that every compiled variant builds and keeps the numerics the C++ kernels have:
-  * no fused multiply-add (the C++ kernels are built with -ffp-contract=off),
+  * fused multiply-adds only where the rules ask for one (_jit.fma -> fma.rn, as rules.h's fma_host_device);
+    no contraction of any other a*b+c (the C++ kernels are built with -ffp-contract=off),
   * IEEE-rounded division and square root (div.rn / sqrt.rn, never div.full / div.approx / sqrt.approx),
   * round-to-nearest-even float conversions (the static_casts of the C++ kernels),
   * 128-bit global loads and stores when every address is 16-byte aligned,
@@ -66,7 +67,8 @@ def check(kernel, constexprs, capability=90, num_warps=4):
     return {
         "kernel": kernel.__name__,
         "constexprs": {k: str(v) for k, v in constexprs.items()},
-        "fma": count(r"\bfma\.") + count(r"\bmad\.(rn\.)?f"),
+        "fma_rn": count(r"\bfma\.rn\.f(32|64)\b"),  # the explicit ones
+        "fma_other": count(r"\bfma\.(?!rn\.f(32|64)\b)") + count(r"\bmad\.(rn\.)?f"),
         "div_approx": count(r"\bdiv\.(full|approx)"),
         "sqrt_approx": count(r"\bsqrt\.approx") + count(r"\brsqrt\."),
         "div_rn": count(r"\bdiv\.rn\."),
