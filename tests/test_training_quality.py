@@ -36,9 +36,9 @@ fp32 0.0383, bnb 8-bit 0.0378, torchao 8-bit 0.0379, bf16 without master 0.0478,
 SR 0.0387.
 
 Cost (measured 2026-11-30 with fusedopt's CPU kernels reading the small states, one torch thread): ~0.9 CPU s
-per digits run (15 runs) and ~2.7 CPU s per LM run (5 runs): the file takes ~27 CPU s, i.e. ~30 s on CI's 2
-cores (pytest --durations: 71 s wall on this machine shared by 5 jobs at load 8, 32 s of CPU time for the
-process). Every run is made once (cached) and shared by the tests that read it, so the first test of each
+per digits run (15 runs) and ~2.7 CPU s per LM run (5 runs), ~27 CPU s in all; pytest --durations on the shared
+2-core VM: 20.7 s (digits) + 18.1 s (LM) = 39 s wall at moderate load (71 s at load 8).
+Every run is made once (cached) and shared by the tests that read it, so the first test of each
 model carries its cost. Triton and CUDA are not run here: the CPU kernels share the state codec with them and
 tests/test_small_state.py checks the backends bitwise against each other.
 """
