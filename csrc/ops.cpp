@@ -18,6 +18,15 @@
 // adamw_ only:
 //   decoupled_weight_decay  true (default): torch.optim.AdamW, p *= 1 - lr * wd; false: torch.optim.Adam's L2
 //                           decay, g = g + wd * p after maximize's negation, no decoupled decay
+// Small state (the last three arguments; state_precision / stochastic_rounding, csrc/fusedopt/state_codec.h):
+//   state_absmaxes          None, or one tensor per state list and param in the op's state order (adamw_: 3 per
+//                           param, exp_avgs / exp_avg_sqs / max_exp_avg_sqs; sgd_ and lion_: 1): the float32
+//                           absmax (one per 256-element block) of a uint8 (8-bit) state, any tensor (empty) for
+//                           the others; when given, states may be float32, bfloat16 or 8-bit (one format per param)
+//   rounding, rounding_step empty / None: round to nearest; else [seed, (param index, element offset of the local
+//                           shard in the full tensor) per param] and the int64 step counter: bfloat16 params
+//                           without master copies and bfloat16 states are rounded stochastically
+//                           (counter-based bits, identical on every backend)
 // The trailing arguments have defaults, so calls written for the older schemas keep working.
 #include <Python.h>
 #include <torch/library.h>
@@ -44,15 +53,18 @@ TORCH_LIBRARY(fusedopt, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] master_params, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? lr_table, "
       "Tensor? beta1_table, Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor? clip_coef, Tensor? weight_decay_table=None, bool decoupled_weight_decay=True) -> ()");
+      "Tensor? clip_coef, Tensor? weight_decay_table=None, bool decoupled_weight_decay=True, "
+      "Tensor(g!)[]? state_absmaxes=None, int[] rounding=[], Tensor? rounding_step=None) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool first_step, Tensor? lr_table, Tensor? momentum_table, Tensor? schedule_step, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, Tensor? weight_decay_table=None) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, Tensor? weight_decay_table=None, "
+      "Tensor(d!)[]? state_absmaxes=None, int[] rounding=[], Tensor? rounding_step=None) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] master_params, "
       "float lr, float beta1, float beta2, float weight_decay, Tensor? lr_table, Tensor? beta1_table, "
       "Tensor? schedule_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, "
-      "Tensor? weight_decay_table=None) -> ()");
+      "Tensor? weight_decay_table=None, Tensor(d!)[]? state_absmaxes=None, int[] rounding=[], "
+      "Tensor? rounding_step=None) -> ()");
 }

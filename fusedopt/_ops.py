@@ -43,13 +43,14 @@ if HAS_CPU_EXTENSION:
     @torch.library.register_fake("fusedopt::adamw_")
     def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1,
                     beta2, eps, weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step,
-                    grad_scale, found_inf, clip_coef, weight_decay_table=None, decoupled_weight_decay=True):
+                    grad_scale, found_inf, clip_coef, weight_decay_table=None, decoupled_weight_decay=True,
+                    state_absmaxes=None, rounding=(), rounding_step=None):
         return None
 
     @torch.library.register_fake("fusedopt::sgd_")
     def _sgd_fake(params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay,
                   nesterov, maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
-                  clip_coef, weight_decay_table=None):
+                  clip_coef, weight_decay_table=None, state_absmaxes=None, rounding=(), rounding_step=None):
         return None
 
     @torch.library.register_fake("fusedopt::grad_norm")
@@ -58,5 +59,6 @@ if HAS_CPU_EXTENSION:
 
     @torch.library.register_fake("fusedopt::lion_")
     def _lion_fake(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table, beta1_table,
-                   schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table=None):
+                   schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table=None, state_absmaxes=None,
+                   rounding=(), rounding_step=None):
         return None

@@ -131,7 +131,13 @@ KNOWN_CONTENDERS = ("fusedopt[cpu]", "fusedopt[cuda]", "fusedopt[triton]", "torc
                     "torch fused", "torch for-loop +master", "torch foreach +master", "torch fused +master",
                     "torch fused +master (fp32 grads)", "lion-pytorch", "lion-pytorch +master", "lion-pytorch triton",
                     "lion-pytorch triton +master", "apex", "apex +master", "DeepSpeed FusedAdam",
-                    "DeepSpeed FusedAdam +master", "DeepSpeedCPUAdam", "DeepSpeedCPUAdam +master")
+                    "DeepSpeed FusedAdam +master", "DeepSpeedCPUAdam", "DeepSpeedCPUAdam +master",
+                    # the small-state groups (issue 13)
+                    "bnb AdamW8bit", "bnb Lion8bit", "bnb SGD8bit", "torchao AdamW8bit", "torchao AdamW4bit",
+                    "torchao AdamW bf16 SR", "DeepSpeedCPULion", "DeepSpeed FusedLion", "fusedopt[cpu] fp32 states",
+                    "fusedopt[cpu] no SR", "torch fused (fp32 states)", "DeepSpeedCPUAdam (fp32 states)",
+                    "DeepSpeedCPUAdam (bf16 states)", "DeepSpeedCPULion (fp32 states)",
+                    "DeepSpeedCPULion (bf16 states)")
 
 
 def _colors(names: List[str], palette: Sequence) -> Dict[str, object]:

@@ -82,7 +82,8 @@ def normwise(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def check_run(results, scenario: str, case: str, *, lion: bool = False, exact: bool = False):
+def check_run(results, scenario: str, case: str, *, lion: bool = False, exact: bool = False,
+              same_on_ranks: bool = True):
     for rank in range(WORLD):
         run = results[rank][scenario][case]
         assert len(run["fused"]) == len(run["ref"]) > 0
@@ -97,7 +98,9 @@ def check_run(results, scenario: str, case: str, *, lion: bool = False, exact: b
             elif not lion:
                 err = normwise(a, b)
                 assert err <= TOL, f"{scenario}/{case} rank {rank} param {i}: normwise error {err:.2e} > {TOL}"
-    # the same parameters on every rank
+    # the same parameters on every rank (full tensors; a comparison of local shards has none)
+    if not same_on_ranks:
+        return
     for i, (a, b) in enumerate(zip(results[0][scenario][case]["fused"], results[1][scenario][case]["fused"])):
         assert torch.equal(a, b), f"{scenario}/{case}: param {i} differs between rank 0 and rank 1"
 
@@ -199,3 +202,33 @@ def test_fsdp2_with_triton_and_master_weights(results, rule):
         assert run["param_is_master_rounded"]
         assert run["dtypes"] == ["torch.bfloat16", "torch.float32"]
         assert run["state_types"] == ["DTensor"]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_fsdp2_8bit_states_are_per_shard(results, rule):
+    """8-bit states of FSDP2 (DTensor) params: every rank quantizes its own shard in blocks of 256 starting at the
+    shard's first element (a block never straddles two ranks), bitwise as the same optimizer on plain tensors
+    holding that rank's shards and grads. The uneven shards (6305 and 6208 elements; 4100 and 4099) are not
+    multiples of 256. Codes and absmax are DTensors."""
+    check_run(results, "fsdp2_small_state", rule, exact=True, same_on_ranks=False)
+    for rank in range(WORLD):
+        run = results[rank]["fsdp2_small_state"][rule]
+        assert run["state_types"] == ["DTensor"]
+        for numel, st, ref in zip(run["local_numels"], run["states"], run["ref_states"]):
+            assert st.keys() == ref.keys()
+            for key in st:
+                assert torch.equal(st[key][: ref[key].numel()] if key.endswith("_absmax") else st[key], ref[key]), key
+            if numel >= 4096:
+                assert any(v.dtype == torch.uint8 for v in st.values())
+
+
+def test_fsdp2_stochastic_rounding_equals_unsharded(results):
+    """Stochastic rounding's bits are keyed on the element's index in the full tensor: the FSDP2 run of bf16 params
+    is bitwise the unsharded run."""
+    check_run(results, "fsdp2_small_state", "sr", exact=True)
+
+
+def test_distributed_checkpoint_of_8bit_states(results):
+    """dcp.save / dcp.load of 8-bit states (codes and the padded per-shard absmax, both DTensors): the resumed run
+    is bitwise the uninterrupted one."""
+    check_run(results, "fsdp2_small_state", "dcp", exact=True)

@@ -2,53 +2,43 @@
 #include <torch/library.h>
 
 #include "cpu/multi_tensor_cpu.h"
+#include "cpu/state_io.h"
 #include "fusedopt/op_args.h"
 
 namespace fusedopt {
 namespace cpu {
 namespace {
 
-// One contiguous range of one tensor. The loop-invariant choices (master copy, momentum, first step, Nesterov)
-// are template parameters (see bool_dispatch), so the loop vectorizes. The momentum buffer is always loaded
-// when it exists (it is zeroed on creation).
-template <bool kMaster, bool kMomentum, bool kFirstStep, bool kNesterov, typename P, typename S, typename T>
-FUSEDOPT_CPU_CLONES void sgd_range(P* __restrict__ param, S* __restrict__ master, const P* __restrict__ grad,
-                                   S* __restrict__ buf, int64_t n, SGDScalars<T> s,
+// One contiguous range of one tensor, walked by the shared element loop (cpu/state_io.h). The momentum buffer
+// is always loaded when it exists (it is zeroed on creation), so the first-step and Nesterov choices are
+// selects and the loop vectorizes.
+template <bool kMomentum, typename T, typename Param, typename G, typename B>
+FUSEDOPT_CPU_CLONES void sgd_range(Param param, const G* __restrict__ grad, B buf, int64_t n, SGDScalars<T> s,
                                    const GradTransform<T> transform) {
   s.use_momentum = kMomentum;
-  s.first_step = kFirstStep;
-  s.nesterov = kNesterov;
-  for (int64_t j = 0; j < n; ++j) {
-    T p = load_param<kMaster, T>(param, master, j);
-    const T g = transform_grad(static_cast<T>(grad[j]), transform);
-    T bufj = kMomentum ? static_cast<T>(buf[j]) : T(0);
-    sgd_update(p, g, bufj, s);
-    if (kMomentum) buf[j] = static_cast<S>(bufj);
-    store_param<kMaster>(param, master, j, p);
-  }
+  for_each_element<T>(param, grad, n, transform, [&](T& p, T g, T* st) { sgd_update(p, g, st[0], s); }, buf);
 }
 
 template <typename P, typename S>
 void sgd_typed(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList master_params,
-               const SGDScalars<at::opmath_type<P>>& s, const GradTransform<at::opmath_type<P>>& transform) {
+               const SGDScalars<at::opmath_type<P>>& s, const GradTransform<at::opmath_type<P>>& transform,
+               TensorList absmaxes, const RoundingArgs& rounding) {
+  using T = at::opmath_type<P>;
   const bool master = !master_params.empty();
+  const auto plain = c10::CppTypeToScalarType<S>::value;
   for_each_chunk(params, [&](int64_t i, int64_t begin, int64_t end) {
-    P* param = params[i].data_ptr<P>() + begin;
-    S* mp = master ? master_params[i].data_ptr<S>() + begin : nullptr;
     const P* grad = grads[i].data_ptr<P>() + begin;
-    S* buf = s.use_momentum ? momentum_buffers[i].data_ptr<S>() + begin : nullptr;
     const int64_t n = end - begin;
-    master_dispatch<P, S>(master, [&](auto master_tag) {
-      constexpr bool kMaster = decltype(master_tag)::value;
+    dispatch_param<P, S>(params[i], master ? &master_params[i] : nullptr, begin, rounding, i, [&](auto param) {
       if (!s.use_momentum) {
-        sgd_range<kMaster, false, false, false>(param, mp, grad, buf, n, s, transform);
+        sgd_range<false, T>(param, grad, NoSlot{}, n, s, transform);
         return;
       }
-      bool_dispatch(s.first_step, [&](auto first_tag) {
-        bool_dispatch(s.nesterov, [&](auto nesterov_tag) {
-          sgd_range<kMaster, true, decltype(first_tag)::value, decltype(nesterov_tag)::value>(param, mp, grad, buf,
-                                                                                           n, s, transform);
-        });
+      dispatch_format<P, S>(state_format(momentum_buffers[i], plain, rounding.on), [&](auto format) {
+        using F = decltype(format);
+        auto buf = F::template make<codec::SignedMap>(momentum_buffers[i], absmax_of(absmaxes, params.size(), 0, i),
+                                                      begin, rounding.on ? rounding.stream(i, 1, begin) : Stream{});
+        sgd_range<true, T>(param, grad, buf, n, s, transform);
       });
     });
   });
@@ -59,11 +49,19 @@ void sgd_cpu(TensorList params, TensorList grads, TensorList momentum_buffers, T
              bool first_step, const OptionalTensor& lr_table, const OptionalTensor& momentum_table,
              const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
              const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
-             const OptionalTensor& weight_decay_table) {
+             const OptionalTensor& weight_decay_table, const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding,
+             const OptionalTensor& rounding_step) {
+  constexpr const char* op = "fusedopt::sgd_";
+  const bool small_state = state_absmaxes.has_value();
   if (!check_sgd_args(params, grads, momentum_buffers, master_params, lr_table, momentum_table, schedule_step,
-                      grad_scale, found_inf, clip_coef, weight_decay_table)) {
+                      grad_scale, found_inf, clip_coef, weight_decay_table, small_state)) {
     return;
   }
+  if (small_state) {
+    check_small_states(op, params, {momentum_buffers}, {"momentum_buffers"}, *state_absmaxes,
+                       state_dtype(params, master_params));
+  }
+  check_rounding(op, params, rounding, rounding_step);
 
   const int64_t* step = optional_ptr<int64_t>(schedule_step);
   const double lr_now = read_table(table_view(lr_table, lr), step);
@@ -79,7 +77,8 @@ void sgd_cpu(TensorList params, TensorList grads, TensorList momentum_buffers, T
     if (!read_grad_transform(grad_scale, found_inf, clip_coef, maximize, &transform)) return;
     const auto s = make_sgd_scalars<T>(lr_now, momentum_now, dampening, weight_decay_now, use_momentum,
                                        first_step, nesterov);
-    sgd_typed<P, S>(params, grads, momentum_buffers, master_params, s, transform);
+    sgd_typed<P, S>(params, grads, momentum_buffers, master_params, s, transform, small_state ? *state_absmaxes : TensorList(),
+                    read_rounding(rounding, rounding_step, params.size(), op));
   });
 }
 

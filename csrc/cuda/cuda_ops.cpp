@@ -37,14 +37,25 @@ void check_cuda_params(const char* op, TensorList params) {
               params[0].device());
 }
 
+// The CUDA kernels do not read small states yet: the optimizers run them through the staged path
+// (fusedopt/optim/_small_state.py), which calls these ops with float states and no small-state arguments.
+void check_no_small_state(const char* op, const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding,
+                          const OptionalTensor& rounding_step) {
+  TORCH_CHECK(!state_absmaxes.has_value() && rounding.empty() && !rounding_step.has_value(), op,
+              ": the CUDA kernels take no state_absmaxes / rounding (8-bit and stochastically rounded states run "
+              "through the optimizers' staged path on CUDA)");
+}
+
 void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params, double lr, double beta1,
                 double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                 const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                 const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                 const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
-                const OptionalTensor& weight_decay_table, bool decoupled_weight_decay) {
+                const OptionalTensor& weight_decay_table, bool decoupled_weight_decay, const OptionalTensorList& state_absmaxes,
+                c10::IntArrayRef rounding, const OptionalTensor& rounding_step) {
   check_cuda_params("fusedopt::adamw_", params);
+  check_no_small_state("fusedopt::adamw_", state_absmaxes, rounding, rounding_step);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
@@ -58,8 +69,10 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
               bool first_step, const OptionalTensor& lr_table, const OptionalTensor& momentum_table,
               const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
               const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
-              const OptionalTensor& weight_decay_table) {
+              const OptionalTensor& weight_decay_table, const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding,
+              const OptionalTensor& rounding_step) {
   check_cuda_params("fusedopt::sgd_", params);
+  check_no_small_state("fusedopt::sgd_", state_absmaxes, rounding, rounding_step);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
@@ -72,8 +85,10 @@ void lion_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                double beta1, double beta2, double weight_decay, const OptionalTensor& lr_table,
                const OptionalTensor& beta1_table, const OptionalTensor& schedule_step,
                const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-               const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table) {
+               const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table,
+               const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding, const OptionalTensor& rounding_step) {
   check_cuda_params("fusedopt::lion_", params);
+  check_no_small_state("fusedopt::lion_", state_absmaxes, rounding, rounding_step);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};

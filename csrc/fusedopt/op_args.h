@@ -17,6 +17,7 @@ namespace fusedopt {
 using at::Tensor;
 using at::TensorList;
 using OptionalTensor = std::optional<Tensor>;
+using OptionalTensorList = std::optional<TensorList>;
 
 // True when one flat index walks t and the (dense) param alike: the same strides, or both contiguous (two
 // contiguous tensors walk their elements in the same order even where strides of size-1 dims differ).
@@ -132,15 +133,18 @@ inline bool check_adamw_args(TensorList params, TensorList grads, TensorList exp
                              const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                              const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                              const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
-                             const OptionalTensor& weight_decay_table) {
+                             const OptionalTensor& weight_decay_table,
+                             bool small_state = false) {
   constexpr const char* op = "fusedopt::adamw_";
   check_params(op, params);
   if (params.empty()) return false;
-  const auto sdtype = state_dtype(params, master_params);
+  // small state: the states' dtypes are checked by check_small_states
+  const auto sdtype_or_any = small_state ? std::optional<at::ScalarType>()
+                                         : std::optional<at::ScalarType>(state_dtype(params, master_params));
   check_list(op, "grads", params, grads, true, params[0].scalar_type());
-  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
-  check_list(op, "exp_avg_sqs", params, exp_avg_sqs, true, sdtype);
-  check_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, amsgrad, sdtype);
+  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype_or_any);
+  check_list(op, "exp_avg_sqs", params, exp_avg_sqs, true, sdtype_or_any);
+  check_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, amsgrad, sdtype_or_any);
   check_list(op, "master_params", params, master_params, false, at::kFloat);
   TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(), " tensors but params has ",
               params.size());
@@ -158,13 +162,16 @@ inline bool check_sgd_args(TensorList params, TensorList grads, TensorList momen
                            TensorList master_params, const OptionalTensor& lr_table,
                            const OptionalTensor& momentum_table, const OptionalTensor& schedule_step,
                            const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-                           const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table) {
+                           const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table,
+                             bool small_state = false) {
   constexpr const char* op = "fusedopt::sgd_";
   check_params(op, params);
   if (params.empty()) return false;
-  const auto sdtype = state_dtype(params, master_params);
+  // small state: the states' dtypes are checked by check_small_states
+  const auto sdtype_or_any = small_state ? std::optional<at::ScalarType>()
+                                         : std::optional<at::ScalarType>(state_dtype(params, master_params));
   check_list(op, "grads", params, grads, true, params[0].scalar_type());
-  check_list(op, "momentum_buffers", params, momentum_buffers, false, sdtype);
+  check_list(op, "momentum_buffers", params, momentum_buffers, false, sdtype_or_any);
   check_list(op, "master_params", params, master_params, false, at::kFloat);
   check_controls(op, params, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
                  weight_decay_table);
@@ -175,17 +182,68 @@ inline bool check_lion_args(TensorList params, TensorList grads, TensorList exp_
                             const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                             const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                             const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
-                            const OptionalTensor& weight_decay_table) {
+                            const OptionalTensor& weight_decay_table,
+                             bool small_state = false) {
   constexpr const char* op = "fusedopt::lion_";
   check_params(op, params);
   if (params.empty()) return false;
-  const auto sdtype = state_dtype(params, master_params);
+  // small state: the states' dtypes are checked by check_small_states
+  const auto sdtype_or_any = small_state ? std::optional<at::ScalarType>()
+                                         : std::optional<at::ScalarType>(state_dtype(params, master_params));
   check_list(op, "grads", params, grads, true, params[0].scalar_type());
-  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype);
+  check_list(op, "exp_avgs", params, exp_avgs, true, sdtype_or_any);
   check_list(op, "master_params", params, master_params, false, at::kFloat);
   check_controls(op, params, lr_table, beta1_table, schedule_step, grad_scale, found_inf, clip_coef,
                  weight_decay_table);
   return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Small state (state_precision / stochastic_rounding, csrc/fusedopt/state_codec.h). With state_absmaxes given
+// (one tensor per state list and tensor, in the op's state order: the float32 absmax of 8-bit codes, read only for
+// uint8 states, any tensor -- an empty one -- for the others), a tensor's states may also be float32, bfloat16
+// or uint8 codes, whatever the params' dtype: all states of one tensor share one format, and
+// uint8 codes come with an absmax of at least one entry per 256-element block. `rounding` (empty, or
+// [seed, (param index, offset) per tensor]) with `rounding_step` selects stochastic rounding of bfloat16.
+// ---------------------------------------------------------------------------------------------------------
+// Checks the state lists (already checked for layout) of a small-state call; `lists` in the op's state order.
+inline void check_small_states(const char* op, TensorList params, const std::vector<TensorList>& lists,
+                               const std::vector<const char*>& names, TensorList absmaxes,
+                               at::ScalarType sdtype) {
+  const size_t n = params.size();
+  TORCH_CHECK(absmaxes.size() == lists.size() * n, op, ": state_absmaxes has ", absmaxes.size(),
+              " entries, expected ", lists.size() * n, " (one per state list and tensor)");
+  for (size_t i = 0; i < n; ++i) {
+    std::optional<at::ScalarType> shared;
+    for (size_t l = 0; l < lists.size(); ++l) {
+      if (lists[l].empty()) continue;
+      const Tensor& absmax = absmaxes[l * n + i];
+      const Tensor& t = lists[l][i];
+      const auto dtype = t.scalar_type();
+      TORCH_CHECK(dtype == sdtype || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kByte, op, ": ",
+                  names[l], "[", i, "] has dtype ", dtype, ", expected ", sdtype,
+                  ", float32, bfloat16 or uint8 (8-bit codes)");
+      TORCH_CHECK(!shared.has_value() || *shared == dtype, op, ": the states of params[", i,
+                  "] must share one dtype, got ", *shared, " and ", dtype);
+      shared = dtype;
+      if (dtype == at::kByte) {
+        const int64_t blocks = (t.numel() + 255) / 256;
+        TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.dim() == 1 && absmax.numel() >= blocks &&
+                        absmax.is_contiguous() && absmax.device() == t.device(),
+                    op, ": ", names[l], "[", i, "] holds 8-bit codes and needs a contiguous float32 absmax of at "
+                    "least ", blocks, " entries on its device");
+      }
+    }
+  }
+}
+
+inline void check_rounding(const char* op, TensorList params, c10::IntArrayRef rounding,
+                           const OptionalTensor& rounding_step) {
+  if (rounding.empty()) return;
+  TORCH_CHECK(rounding.size() == 1 + 2 * params.size(), op, ": rounding must be [seed, (param index, offset) per "
+              "tensor], ", 1 + 2 * params.size(), " entries, got ", rounding.size());
+  TORCH_CHECK(rounding_step.has_value(), op, ": stochastic rounding needs rounding_step");
+  check_scalar_tensor(op, "rounding_step", rounding_step, params[0].device(), at::kLong);
 }
 
 template <typename X>

@@ -14,8 +14,12 @@ takes well under a minute on a small, busy CI machine):
 
 Contenders: every fusedopt backend usable for the device (``fusedopt[cpu]``, ``fusedopt[cuda]``,
 ``fusedopt[triton]``) and every peer present: torch.optim for-loop (``foreach=False``), foreach and fused
-(AdamW, SGD), lion-pytorch (Lion), apex FusedAdam / FusedSGD and DeepSpeed FusedAdam (CUDA) or
-DeepSpeedCPUAdam (CPU) when they import. A peer that is missing is listed with the reason, not an error.
+(AdamW, SGD), lion-pytorch (Lion), apex FusedAdam / FusedSGD, DeepSpeed FusedAdam / FusedLion (CUDA) or
+DeepSpeedCPUAdam / DeepSpeedCPULion (CPU; JIT-built with ninja on first use, about 45 s), bitsandbytes' and
+torchao's 8-bit optimizers and torchao's bf16 stochastic-rounding AdamW (see the dtypes) when they import. A peer
+that is missing is listed with the reason, not an error. Kinds: fusedopt, peers (the same precision setting; the
+best of them is "the best peer") and references (another state precision, marked "(ref)": the baselines that the
+small-state targets name).
 
 Scenarios (``--scenarios``):
 
@@ -26,7 +30,7 @@ Scenarios (``--scenarios``):
     graph  (CUDA only) the bare step captured once in a ``torch.cuda.CUDAGraph`` (warmed up on a side stream
            first) and replayed; torch AdamW gets ``capturable=True``.
 
-Dtypes (``--dtype``):
+Dtypes (``--dtype``: precision settings; ``small-state`` = the issue-13 four: 8bit, bf16-states, bf16, bf16-sr):
 
     float32      float32 params, grads and states.
     bf16-master  bfloat16 params and grads with float32 master weights and states. fusedopt does it in one pass
@@ -34,6 +38,22 @@ Dtypes (``--dtype``):
                  params, ``torch._foreach_copy_`` of the bf16 grads into float32 master grads before the step and
                  of the master params into the bf16 model after it ("+master"). "(fp32 grads)" is the same without
                  the grad copy, as when a backward hook accumulates straight into float32 grads.
+    bf16         bfloat16 params, grads and states, no master copy (round-to-nearest: updates under half a bf16
+                 ulp of the param are lost). Peers: torch.optim and lion-pytorch on the bf16 params,
+                 DeepSpeedCPUAdam / CPULion with float32 states and with ``fp32_optimizer_states=False``.
+    bf16-sr      the same with stochastic rounding (``stochastic_rounding=True``). Peer: torchao's AdamW with
+                 ``bf16_stochastic_round=True``; reference: fusedopt without it ("no SR").
+    bf16-states  float32 params and grads, bfloat16 states (``state_precision="bf16"``).
+    8bit         float32 params and grads, blockwise 8-bit states (``state_precision="8bit"``). Peers:
+                 bitsandbytes AdamW8bit / Lion8bit / SGD8bit (whose kernels ignore nesterov), torchao AdamW8bit
+                 and AdamW4bit. References (float32 states, never the "best peer"): torch fused, DeepSpeedCPUAdam
+                 / CPULion, fusedopt ("fp32 states"); the issue-13 targets name them.
+
+Optimizer state ("state B/param"): the bytes of the storages of the tensors in each optimizer's ``state``
+(moments, 8-bit codes, absmax, quantization maps, master copies, step counters; a storage shared by several
+params counted once; torchao's quantized tensor subclasses opened into their inner tensors), measured after the
+warm-up steps, per model parameter; a peer's float32 master params (bf16-master) count too. The group title gives
+the bytes model's figure for comparison.
 
 Bytes-per-parameter model (the traffic a step must move at least; ``effective GB/s = bytes x params/s``):
 
@@ -56,6 +76,14 @@ Bytes-per-parameter model (the traffic a step must move at least; ``effective GB
     full step: + one read of the grads (the global norm): 32 B/param for float32 AdamW, 30 for bf16-master.
     clip_grad_norm_ also rescales the grads in place (one more read and write of g), which a fused clip avoids;
     that is work the fused step saves, so it is not counted as useful traffic.
+
+    Small state (per parameter, float32 params unless named):
+    rule           bf16 (no master)       bf16-states               8bit
+    AdamW          g(2) p(2+2) m,v(4+4) 14  g4 p8 m,v 2x(2+2) = 20  g4 p8 m,v 2x(1+1) + absmax 2x(4+4)/256 = 16.06
+    SGD mom. / Lion g(2) p(4) buf(4)  10   g4 p8 buf(4)      = 16    g4 p8 buf(1+1) + absmax (4+4)/256 = 14.03
+    bf16-sr moves the bytes of bf16 (its random bits are computed from a hash, not loaded). Under 8bit, tensors
+    under 4,096 elements keep float32 states, so a model's figure is the mix of its tensors (10,000 small tensors:
+    the float32 figure).
 
 Memory bandwidth ("bw" line, "% bw"): in the same run, as one more contender in the same rounds, an in-place
 stream over flat buffers with the rule's reads and writes (same dtypes): each write-only array is a copy_ from a
@@ -109,7 +137,7 @@ from fusedopt.bench.models import MODEL_NAMES, model_shapes, numel_of
 from fusedopt.bench.report import (HEADER, evaluate_targets, group_rows, group_title, headline, summary,
                                    text_table, write_json, write_markdown)
 from fusedopt.bench.timing import Options, Progress, run_group
-from fusedopt.bench.traffic import DTYPES, RULES, SCENARIOS, bytes_model_table
+from fusedopt.bench.traffic import DTYPES, RULES, SCENARIOS, SMALL_STATE_DTYPES, bytes_model_table
 
 
 def _load_average() -> Optional[List[float]]:
@@ -153,10 +181,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="scaled-down shapes and few repetitions (CI-sized)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--rules", default="adamw,sgd,lion", help="comma list of adamw, sgd, lion")
-    p.add_argument("--dtype", default="float32,bf16-master", help="comma list of float32, bf16-master")
+    p.add_argument("--dtype", default="float32,bf16-master",
+                   help=f"comma list of {', '.join(DTYPES)}; 'small-state' for {','.join(SMALL_STATE_DTYPES)}; "
+                        f"'all' (default: float32,bf16-master)")
     p.add_argument("--scenarios", default=None,
                    help="comma list of step, full, graph (default: step,full (+graph on CUDA) for float32; "
-                        "step (+graph) for bf16-master)")
+                        "step (+graph) for the other dtypes)")
     p.add_argument("--contenders", default=None,
                    help="comma list of substrings; only contenders whose name contains one are run (the "
                         "bandwidth stream always runs)")
@@ -214,7 +244,7 @@ def main(argv=None) -> int:
         else:
             models = _split(args.models, MODEL_NAMES, "model")
         rules = _split(args.rules, RULES, "rule")
-        dtypes = _split(args.dtype, DTYPES, "dtype")
+        dtypes = _split(args.dtype.replace("small-state", ",".join(SMALL_STATE_DTYPES)), DTYPES, "dtype")
         scenarios = None if args.scenarios is None else _split(args.scenarios, SCENARIOS, "scenario")
         fo_backends = None if args.fusedopt_backends is None else _split(args.fusedopt_backends, ("cpu", "cuda", "triton"),
                                                                          "fusedopt backend")

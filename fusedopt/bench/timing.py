@@ -14,10 +14,10 @@ from typing import Callable, List
 
 import torch
 
-from fusedopt.bench.contenders import Contender, NotApplicable, Setup, display_name
+from fusedopt.bench.contenders import Contender, NotApplicable, Setup, Unavailable, display_name, state_bytes
 from fusedopt.bench.models import numel_of
 from fusedopt.bench.stats import summarize
-from fusedopt.bench.traffic import STREAM_CAP, bytes_per_param
+from fusedopt.bench.traffic import STREAM_CAP, bytes_per_param, param_dtype, state_bytes_model
 
 
 def _sync(device: torch.device) -> None:
@@ -94,7 +94,7 @@ class Options:
 
 def make_params(shapes, device: torch.device, dtype: str, seed: int = 0) -> List[torch.Tensor]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    pdt = torch.bfloat16 if dtype == "bf16-master" else torch.float32
+    pdt = param_dtype(dtype)
     params = []
     for shape in shapes:
         p = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=pdt)
@@ -110,12 +110,13 @@ def run_group(model: str, shapes, rule: str, dtype: str, scenario: str, device: 
     params = make_params(shapes, device, dtype)
     numel = numel_of(shapes)
     setup = Setup(params, device, rule, dtype, scenario)
-    bpp = bytes_per_param(rule, dtype, "full" if scenario == "full" else "step")
+    bpp = bytes_per_param(rule, dtype, "full" if scenario == "full" else "step", shapes)
     label = f"{model} {rule} {dtype} {scenario}"
     results: List[dict] = []
     live = []  # (contender, display name, step fn, est seconds per step)
+    measured = {}  # display name -> figures taken after warm-up (state bytes, the stream's bytes per element)
     base = dict(model=model, numel=numel, num_tensors=len(shapes), rule=rule, dtype=dtype, scenario=scenario,
-                bytes_per_param=bpp)
+                bytes_per_param=bpp, state_bytes_model=state_bytes_model(rule, dtype, shapes))
     for c in contenders:
         name = c.name if c.kind == "stream" else display_name(c, dtype)
         if not name:
@@ -123,14 +124,23 @@ def run_group(model: str, shapes, rule: str, dtype: str, scenario: str, device: 
         progress.update(done_before, f"{label}: setting up {name}")
         try:
             step = c.build(setup)
+            opt = getattr(step, "optimizer", None)
+            extra = dict(state_extra=getattr(step, "extra_state_bytes", 0),
+                         stream_bytes=getattr(step, "bytes_per_element", None))
             if scenario == "graph":
                 step = capture_graph(step, device)
             t = time_steps(step, 1, device)  # first step: state creation
             if opts.warmup > 1 and t < opts.budget / 4:  # a slow contender is warm after one step
                 t = time_steps(step, opts.warmup - 1, device)
+            if opt is not None:  # the state as the optimizer holds it after its first steps
+                measured[name] = dict(state_bytes_per_param=round((state_bytes(opt) + extra["state_extra"]) / numel, 4))
+            if extra["stream_bytes"] is not None:
+                measured[name] = dict(stream_bytes_per_element=extra["stream_bytes"])
             live.append((c, name, step, t))
         except NotApplicable:
             continue
+        except Unavailable as e:
+            results.append(dict(base, contender=name, kind=c.kind, status="skipped", reason=str(e)))
         except Exception as e:  # noqa: BLE001 - one failing contender must not end the benchmark
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log(f"  {label}: {name} failed: {msg}")
@@ -157,13 +167,14 @@ def run_group(model: str, shapes, rule: str, dtype: str, scenario: str, device: 
     for c, name, step, inner, reps, times in plans:
         stats = summarize(times)
         entry = dict(base, contender=name, kind=c.kind, status="ok", reps=len(times), inner=inner, times_s=times,
-                     **stats)
+                     **stats, **measured.get(name, {}))
         steps_per_s = 1.0 / stats["median_s"]
         entry["steps_per_s"] = steps_per_s
         if c.kind == "stream":
             stream_numel = min(numel, STREAM_CAP)
             entry["stream_numel"] = stream_numel
-            entry["gb_per_s"] = bpp * stream_numel / stats["median_s"] / 1e9
+            moved = entry.get("stream_bytes_per_element", bpp)  # the model's bytes, up to rounding of the split
+            entry["gb_per_s"] = moved * stream_numel / stats["median_s"] / 1e9
             entry["params_per_s"] = stream_numel / stats["median_s"]
         else:
             entry["params_per_s"] = numel * steps_per_s

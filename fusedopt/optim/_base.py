@@ -18,6 +18,7 @@ The other concerns live in their own modules:
     _schedule.py    tables, counters, host mirror, get_last_lr
     _checkpoint.py  state_dict checks, load_state_dict, torch-checkpoint interop
     _batch.py       the tensors of one op call, DTensor shards
+    _small_state.py state_precision (float32 / bfloat16 / 8-bit states) and stochastic rounding
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fusedopt.optim import _clipping
 from fusedopt.optim._batch import PLAIN_TYPES, Batch, dtensor_class, is_dense, to_local
 from fusedopt.optim._checkpoint import CheckpointInterop
 from fusedopt.optim._schedule import ScheduleBookkeeping
+from fusedopt.optim._small_state import SmallState
 from fusedopt.optim._validation import (  # noqa: F401 (check_betas, check_number: re-exported for the rules)
     check_betas, check_fused_options, check_number, check_torch_flags, split_named)
 from fusedopt.schedules import ScheduleTable
@@ -40,7 +42,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
+class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimizer):
     """Base class of FusedAdamW, FusedSGD and FusedLion (not used directly)."""
 
     # torch.amp.GradScaler hands grad_scale / found_inf to such optimizers instead of unscaling grads itself.
@@ -50,11 +52,13 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
     state_keys: Tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, schedule: Optional[ScheduleTable], backend: str,
-                 max_grad_norm: Optional[float], norm_type: float, master_weights: bool):
+                 max_grad_norm: Optional[float], norm_type: float, master_weights: bool,
+                 state_precision: Optional[str] = None, stochastic_rounding: bool = False):
         # torch's order: the hyperparameters, then the params (so params=None with a bad lr says "lr"), then
         # the implementation flags
         self._check_group(defaults, strict=True)
         check_fused_options(schedule, backend, max_grad_norm, norm_type, master_weights)
+        self._init_small_state(state_precision, stochastic_rounding)
         self.schedule = schedule
         self.backend = backend
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -117,6 +121,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
                 raise ValueError(f"{where} is complex ({p.dtype}); fusedopt supports real floating params")
             if p.dtype not in _SUPPORTED_DTYPES:
                 raise ValueError(f"{where} has dtype {p.dtype}; supported: float32, float64, bfloat16, float16")
+            self._check_param_precision(p, where)
             devices.add(p.device)
         if len(devices) > 1:
             raise ValueError(f"the params of one param group must be on one device, got {sorted(map(str, devices))}; "
@@ -127,11 +132,12 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         param_group["params"] = params
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        device = next(iter(devices)) if devices else torch.device("cpu")
         if self.schedule is not None:
             if "initial_lr" not in group:
                 group["initial_lr"] = self._initial_lr_of(group["lr"])
-            device = next(iter(devices)) if devices else torch.device("cpu")
             group["schedule_step"] = self._new_counter(device)
+        self._add_rounding_counter(group, device)
 
     def _check_backend(self, device: torch.device) -> None:
         """Raise BackendUnavailable now when the chosen backend can never run these params. One case waits for
@@ -157,15 +163,13 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
     # ------------------------------------------------------------------------------------------------------
     # State
     # ------------------------------------------------------------------------------------------------------
-    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
-        return torch.float32 if self._uses_master(p) else p.dtype
-
     def _uses_master(self, p: torch.Tensor) -> bool:
         # master_weights on float32 / float64 params is accepted as a no-op: they are their own master copy
         return self.master_weights and p.dtype in _LOW_PRECISION
 
     def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
-        """Create the rule's state tensors for a param that has none (in self._state_dtype(p))."""
+        """Create the rule's state tensors for a param that has none (with self._zeros_state: the storage format
+        state_precision asks for)."""
         raise NotImplementedError
 
     def _ensure_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -278,6 +282,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         """Create missing state and give the kernels dense tensors with matching strides."""
         group = self.param_groups[batch.group_index]
         params, grads, states = batch.params, batch.grads, batch.states
+        batch.originals = list(params)
         if batch.ready:  # the layout was checked in C++; only missing state is left to create
             if not all(states):
                 for k, p in enumerate(params):
@@ -313,6 +318,9 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         group = self.param_groups[batch.group_index]
         if self.schedule is not None:
             self._counter_on(group, batch.device)
+        counter = group.get("rounding_step")
+        if isinstance(counter, torch.Tensor) and counter.device != batch.device:
+            group["rounding_step"] = counter.to(batch.device)
         k = next((k for k, state in enumerate(batch.states) if state), None)
         if k is None:
             return
@@ -325,7 +333,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         for key, value in batch.states[k].items():
             if key == "step" or not isinstance(value, torch.Tensor):
                 continue
-            expected = torch.float32 if key == "master_param" else self._state_dtype(p)
+            expected = self._expected_dtype(p, key)
             if value.device != p.device or value.dtype != expected:
                 for q, state in zip(batch.params, batch.states):
                     if state:
@@ -393,6 +401,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
         for batch in batches:
             self._follow_params(batch)
             self._prepare(batch)
+            self._complete_states(batch, self.param_groups[batch.group_index])
         coefs = self._clip_coefficient(batches, grad_scale) if self.max_grad_norm is not None else {}
         for batch in batches:
             gi = batch.group_index
@@ -411,16 +420,29 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, Optimizer):
                 momentum = self._group_momentum(group)
                 if isinstance(momentum, torch.Tensor):  # a scheduler's tensor momentum / beta1, read likewise
                     momentum_table = self._one_entry_table(gi, "momentum", momentum, device)
-            self._call_backend(
-                self._backend_for(device), batch, group, float(lr), lr_table, momentum_table, schedule_step,
-                None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32),
-                None if found_inf is None else found_inf.to(device=device, dtype=torch.float32),
-                coefs.get(device), weight_decay_table=weight_decay_table)
+            backend = self._backend_for(device)
+            batch_found_inf = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
+            call_args = (float(lr), lr_table, momentum_table, schedule_step,
+                         None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32),
+                         batch_found_inf, coefs.get(device))
+
+            def call(b, backend=backend, group=group, call_args=call_args, weight_decay_table=weight_decay_table):
+                self._call_backend(backend, b, group, *call_args, weight_decay_table=weight_decay_table)
+
+            if self._needs_staging(batch):
+                if self._fused_small_state(backend, batch):  # the kernels load and store the formats
+                    batch.small_state = self._small_state_args(batch, group)
+                    call(batch)
+                else:
+                    self._call_staged(backend, batch, group, batch_found_inf, call)
+            else:
+                call(batch)
             for original, stand_in in batch.write_back:
                 original.copy_(stand_in)
         if scheduled:
             self._advance_counters(found_inf)
             self._advance_host_mirror(found_inf)
+        self._advance_rounding_counters(found_inf)
         return loss
 
     def _is_state_creating_step(self) -> bool:

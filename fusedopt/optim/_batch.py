@@ -48,6 +48,11 @@ class LocalState(dict):
         self._param = param
 
     def __setitem__(self, key, value):
+        dtensor = dtensor_class()
+        if isinstance(value, dtensor):  # created from the DTensor param (state formats): the kernels get its shard
+            super().__setitem__(key, value.to_local())
+            self._state[key] = value
+            return
         super().__setitem__(key, value)
         p = self._param
         if isinstance(value, torch.Tensor) and key != "step" and value.shape == p.to_local().shape:
@@ -72,6 +77,12 @@ class Batch:
     ready: bool = False
     # set when the batch holds DTensor shards: per grad, the process groups its norm is summed over (clipping)
     shard_groups: Optional[List[tuple]] = None
+    # the params as the optimizer holds them (DTensors, strided views), before _prepare puts local shards and
+    # contiguous stand-ins in `params`; empty until then (stochastic rounding keys its bits on them)
+    originals: List[torch.Tensor] = field(default_factory=list)
+    # the small-state arguments of the op (state_absmaxes, rounding, rounding_step) when a kernel reads the
+    # batch's 8-bit / bfloat16 / stochastically rounded states itself; None: plain states
+    small_state: Optional[dict] = None
 
 
 def to_local(batch: Batch, k: int, p, optimizer_name: str) -> torch.Tensor:

@@ -2,7 +2,8 @@
 checkpoints included, in both directions) and the schedule counter's restore.
 
 State keys are torch.optim's (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``)
-plus ``master_param``; param-group keys are torch's (torch's implementation flags ``foreach``, ``fused``,
+plus ``master_param`` and, for 8-bit states, ``<key>_absmax`` (fusedopt.optim._small_state: states are
+converted to this optimizer's formats on load, quantized or dequantized as needed); param-group keys are torch's (torch's implementation flags ``foreach``, ``fused``,
 ``capturable``, ``differentiable`` and ``param_names`` included); the schedule position is the
 ``schedule_step`` tensor of each param group.
 
@@ -22,6 +23,7 @@ from typing import Dict
 
 import torch
 
+from fusedopt.optim._small_state import QUANTIZABLE_KEYS, absmax_key, is_absmax_key
 from fusedopt.optim._validation import TORCH_FLAGS
 
 
@@ -29,7 +31,8 @@ class CheckpointInterop:
     """Mixin of FusedOptimizer: ``load_state_dict`` and what it checks and restores."""
 
     def _allowed_state_keys(self) -> set:
-        return set(self.state_keys) | {"master_param"}
+        return (set(self.state_keys) | {"master_param"}
+                | {absmax_key(k) for k in self.state_keys if k in QUANTIZABLE_KEYS})
 
     def _check_state_dict(self, state_dict: dict) -> Dict[int, torch.Tensor]:
         """Reject a state_dict of another optimizer, or one whose tensors do not fit the params, before
@@ -64,11 +67,13 @@ class CheckpointInterop:
                 raise ValueError(f"state_dict is not from a {type(self).__name__}-compatible optimizer: param "
                                  f"{index} has state {sorted(pstate)}, expected keys among {sorted(allowed)}")
             for key, value in pstate.items():
-                if key == "step" or not isinstance(value, torch.Tensor):
+                if key == "step" or is_absmax_key(key) or not isinstance(value, torch.Tensor):
                     continue
                 if value.shape != p.shape:
                     raise ValueError(f"state_dict does not fit the params: state '{key}' of param {index} has shape "
                                      f"{tuple(value.shape)}, the param has {tuple(p.shape)}")
+                if key != "master_param":
+                    self._small_state_for_load(p, key, value, pstate, index)
         return index_to_param
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -79,15 +84,18 @@ class CheckpointInterop:
         from_table = bool(state_dict["param_groups"]) and all(
             "schedule_step" in g for g in state_dict["param_groups"])
         own_bases = [(g.get("initial_lr"), g.get("initial_weight_decay")) for g in self.param_groups]
-        # torch casts floating state to the param dtype on load; float32 master weights and states must
-        # survive that, so they are set aside and put back afterwards.
+        # torch casts every state to the param dtype on load; float32 master weights, states kept in another
+        # dtype than the param's (state_precision, master weights), 8-bit codes and their absmax must survive
+        # that, so they are set aside and put back afterwards (then converted to this optimizer's formats).
         kept = {}
-        if self.master_weights:
-            for index, pstate in state_dict["state"].items():
-                p = index_to_param.get(index)
-                if p is not None and self._uses_master(p):
-                    kept[id(p)] = {k: v for k, v in pstate.items()
-                                   if isinstance(v, torch.Tensor) and k != "step" and v.dtype == torch.float32}
+        for index, pstate in state_dict["state"].items():
+            p = index_to_param.get(index)
+            if p is None or not isinstance(pstate, dict):
+                continue
+            keep = {k: v for k, v in pstate.items()
+                    if isinstance(v, torch.Tensor) and k != "step" and (v.dtype != p.dtype or is_absmax_key(k))}
+            if keep:
+                kept[id(p)] = keep
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p in group["params"]:
@@ -95,7 +103,7 @@ class CheckpointInterop:
                 if not state:
                     continue
                 for k, v in kept.get(id(p), {}).items():
-                    state[k] = v.detach().to(device=p.device, copy=True)
+                    state[k] = v.detach().to(device=v.device if _is_dtensor(v) else p.device, copy=True)
                 self._normalize_state(p, state)
         for group in self.param_groups:
             for flag in TORCH_FLAGS:
@@ -110,8 +118,8 @@ class CheckpointInterop:
 
     def _normalize_state(self, p: torch.Tensor, state: dict) -> None:
         """Bring loaded state to what the kernels read: int64 steps and states on the param's device, states in
-        the state dtype (a checkpoint from torch.optim, or from a run with(out) master weights)."""
-        dtype = self._state_dtype(p)
+        this optimizer's formats (a checkpoint from torch.optim, from a run with(out) master weights, or with
+        other state precisions)."""
         for key, value in list(state.items()):
             if not isinstance(value, torch.Tensor):
                 continue
@@ -123,12 +131,12 @@ class CheckpointInterop:
                     del state[key]
                 elif value.dtype != torch.float32 or value.device != p.device:
                     state[key] = value.detach().to(device=p.device, dtype=torch.float32)
-            elif value.dtype != dtype or value.device != p.device:
-                state[key] = value.detach().to(device=p.device, dtype=dtype)
+        self._convert_loaded(p, state)
         if self._uses_master(p) and state and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True)
 
     def _after_load(self) -> None:
+        self._restore_rounding_counters()
         self._tables = {}
         self._backend_cache = {}
         self._warned_past_end = False
@@ -160,3 +168,27 @@ class CheckpointInterop:
             group["schedule_step"] = self._new_counter(device)
         self._resolve_tables()
         self._show_schedule()
+
+    def _restore_rounding_counters(self) -> None:
+        """stochastic_rounding: the checkpoint's seed and rounding step continue the same random stream; a
+        checkpoint without them (torch.optim, a run without stochastic rounding) keeps this optimizer's seed and
+        starts its step at 0. Without stochastic rounding the keys are dropped."""
+        for group in self.param_groups:
+            if not self.stochastic_rounding:
+                group.pop("rounding_seed", None)
+                group.pop("rounding_step", None)
+                continue
+            seed = group.setdefault("rounding_seed", self._rounding_seed)
+            self._rounding_seed = seed
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            step = group.get("rounding_step")
+            group["rounding_step"] = (step.detach().to(device=device, dtype=torch.int64).reshape(()).clone()
+                                      if isinstance(step, torch.Tensor) else
+                                      torch.zeros((), dtype=torch.int64, device=device))
+
+
+def _is_dtensor(t) -> bool:
+    from fusedopt.optim._batch import dtensor_class
+
+    dtensor = dtensor_class()
+    return dtensor is not None and isinstance(t, dtensor)

@@ -36,10 +36,25 @@ class FusedAdamW(FusedOptimizer):
         backend: "auto", "cpu", "cuda" or "triton" (see fusedopt.backends).
         max_grad_norm, norm_type: clip the global grad norm inside the step (like clip_grad_norm_).
         master_weights: keep float32 master params and states for bfloat16 / float16 params.
+        state_precision: None (states in the param dtype; float32 with master weights), "fp32", "bf16", or
+            "8bit": blockwise 8-bit states (Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
+            arXiv:2110.02861): ``exp_avg`` in the signed and ``exp_avg_sq`` / ``max_exp_avg_sq`` in the unsigned
+            dynamic map, uint8 codes plus a float32 ``<key>_absmax`` per 256 elements (2 bytes per param and
+            1/64 for the absmax); tensors under 4,096 elements keep float32 states. "bf16" and "8bit" need
+            float32, bfloat16 or float16 params. See :mod:`fusedopt.quantization` for the exact format.
+        stochastic_rounding: round bfloat16 params without a master copy, and bfloat16 states, stochastically
+            (unbiased; random bits from a counter-based hash of the optimizer's seed, the step, the tensor and
+            the element, so a run is reproducible and every backend rounds alike; the seed is drawn from torch's
+            default generator and saved in ``state_dict()``). Needs bfloat16 (or float32) params, or master
+            weights for float16 params.
+
+    ``state_dict(dequantize=True)`` returns float32 states under torch's keys (loadable by torch.optim.AdamW);
+    loading a float checkpoint into an 8-bit optimizer quantizes it.
 
     Raises ValueError (torch's messages: ``Invalid learning rate: -1.0``, ``Invalid beta parameter at index 0``,
-    ...) for bad hyperparameters at construction, TypeError for params that are not an iterable of tensors,
-    dicts or (name, tensor) pairs, fusedopt.BackendUnavailable when no backend runs on the params' device.
+    ...) for bad hyperparameters at construction, for an unknown ``state_precision``, for "bf16" / "8bit" with
+    float64 params, TypeError for params that are not an iterable of tensors, dicts or (name, tensor) pairs,
+    fusedopt.BackendUnavailable when no backend runs on the params' device.
     """
 
     rule = "adamw"
@@ -52,12 +67,14 @@ class FusedAdamW(FusedOptimizer):
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None,
                  schedule: Optional[ScheduleTable] = None, backend: str = "auto",
-                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
+                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False,
+                 state_precision: Optional[str] = None, stochastic_rounding: bool = False):
         defaults = dict(lr=lr, betas=_scalar_betas(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                         fused=fused)
         super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
-                         norm_type=norm_type, master_weights=master_weights)
+                         norm_type=norm_type, master_weights=master_weights, state_precision=state_precision,
+                         stochastic_rounding=stochastic_rounding)
 
     def _check_group(self, group: dict, strict: bool = True) -> None:
         if not strict:
@@ -78,21 +95,22 @@ class FusedAdamW(FusedOptimizer):
             check_bool(flag, group[flag])
 
     def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
-        dtype = self._state_dtype(p)
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        self._zeros_state(p, "exp_avg", state)
+        self._zeros_state(p, "exp_avg_sq", state)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            self._zeros_state(p, "max_exp_avg_sq", state)
+
+    def _complete_states(self, batch, group: dict) -> None:
+        if group["amsgrad"]:
+            for s, p in zip(batch.states, batch.originals or batch.params):  # amsgrad switched on mid-training
+                if "max_exp_avg_sq" not in s:
+                    self._zeros_state(p, "max_exp_avg_sq", s)  # the max starts at 0
 
     def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
                       found_inf, clip_coef, *, weight_decay_table=None) -> None:
         states = batch.states
         amsgrad = group["amsgrad"]
-        if amsgrad:
-            for s, p in zip(states, batch.params):  # amsgrad switched on mid-training: start the max at 0
-                if "max_exp_avg_sq" not in s:
-                    s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
         beta1, beta2 = group["betas"]
         # beta1 is read from momentum_table when there is one (a schedule column, or a tensor beta1)
         beta1 = 0.0 if momentum_table is not None else self._number(beta1)
@@ -104,7 +122,7 @@ class FusedAdamW(FusedOptimizer):
             [s["master_param"] for s in states if "master_param" in s],
             lr, beta1, self._number(beta2), self._number(group["eps"]), weight_decay,
             amsgrad, group["maximize"], lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
-            weight_decay_table=weight_decay_table, decoupled_weight_decay=self._decoupled_weight_decay(group))
+            weight_decay_table=weight_decay_table, decoupled_weight_decay=self._decoupled_weight_decay(group), **(batch.small_state or {}))
 
     def _decoupled_weight_decay(self, group: dict) -> bool:
         """AdamW's decay (p *= 1 - lr*wd) always; FusedAdam reads its group's decoupled_weight_decay."""

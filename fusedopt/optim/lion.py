@@ -16,7 +16,9 @@ class FusedLion(FusedOptimizer):
     ``p *= 1 - lr*wd``; ``p -= lr * sign(beta1*m + (1-beta1)*g)``; ``m = beta2*m + (1-beta2)*g``
     (``sign(0) == 0``). With ``decoupled_weight_decay`` the weight decay is divided by the initial lr, as
     lion-pytorch does, so that ``lr*wd`` stays fixed when the lr is scheduled. State key ``exp_avg``.
-    See :class:`fusedopt.FusedAdamW` for ``schedule``, ``backend``, ``max_grad_norm`` and ``master_weights``.
+    See :class:`fusedopt.FusedAdamW` for ``schedule``, ``backend``, ``max_grad_norm``, ``master_weights``,
+    ``state_precision`` (with "8bit", ``exp_avg`` uses the signed dynamic map: 1 byte per param) and
+    ``stochastic_rounding``.
     lion-pytorch's ``use_triton`` is accepted as a keyword and changes nothing (the update is always fused).
     """
 
@@ -28,7 +30,8 @@ class FusedLion(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *, use_triton: bool = False,
                  schedule: Optional[ScheduleTable] = None, backend: str = "auto",
-                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
+                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False,
+                 state_precision: Optional[str] = None, stochastic_rounding: bool = False):
         if not isinstance(decoupled_weight_decay, bool):
             raise ValueError(f"decoupled_weight_decay must be a bool, got {decoupled_weight_decay!r}")
         check_number("learning rate", lr, minimum=0.0, allow_tensor=True, tensor_name="lr")
@@ -41,7 +44,8 @@ class FusedLion(FusedOptimizer):
         self.initial_lr = initial_lr
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, weight_decay=weight_decay)
         super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
-                         norm_type=norm_type, master_weights=master_weights)
+                         norm_type=norm_type, master_weights=master_weights, state_precision=state_precision,
+                         stochastic_rounding=stochastic_rounding)
 
     def _check_group(self, group: dict, strict: bool = True) -> None:
         if not strict:
@@ -54,7 +58,7 @@ class FusedLion(FusedOptimizer):
         check_number("weight_decay value", group["weight_decay"], minimum=0.0)
 
     def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
-        state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+        self._zeros_state(p, "exp_avg", state)
 
     def _kernel_weight_decay(self, weight_decay: torch.Tensor) -> torch.Tensor:
         # lion-pytorch's decoupled decay divides the weight decay by the initial lr, scheduled or not
@@ -73,4 +77,4 @@ class FusedLion(FusedOptimizer):
             batch.params, batch.grads, [s["exp_avg"] for s in states],
             [s["master_param"] for s in states if "master_param" in s],
             lr, beta1, self._number(beta2), weight_decay, lr_table, momentum_table, schedule_step, grad_scale,
-            found_inf, clip_coef, weight_decay_table=weight_decay_table)
+            found_inf, clip_coef, weight_decay_table=weight_decay_table, **(batch.small_state or {}))

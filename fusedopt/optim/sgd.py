@@ -19,7 +19,9 @@ class FusedSGD(FusedOptimizer):
     Takes every argument of ``torch.optim.SGD`` (``foreach``, ``fused`` and ``differentiable`` as torch.optim.AdamW's
     are handled, see :class:`fusedopt.FusedAdamW`); ``lr``, ``momentum`` and ``weight_decay`` may be one-element
     tensors (a momentum tensor on a GPU always takes the momentum path: reading whether it is 0 would sync).
-    See :class:`fusedopt.FusedAdamW` for ``schedule``, ``backend``, ``max_grad_norm`` and ``master_weights``.
+    See :class:`fusedopt.FusedAdamW` for ``schedule``, ``backend``, ``max_grad_norm``, ``master_weights``,
+    ``state_precision`` (with "8bit", ``momentum_buffer`` uses the signed dynamic map: 1 byte per param) and
+    ``stochastic_rounding``.
     """
 
     rule = "sgd"
@@ -32,12 +34,14 @@ class FusedSGD(FusedOptimizer):
                  weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False, *,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  schedule: Optional[ScheduleTable] = None, backend: str = "auto",
-                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
+                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False,
+                 state_precision: Optional[str] = None, stochastic_rounding: bool = False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
         super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
-                         norm_type=norm_type, master_weights=master_weights)
+                         norm_type=norm_type, master_weights=master_weights, state_precision=state_precision,
+                         stochastic_rounding=stochastic_rounding)
 
     def _check_group(self, group: dict, strict: bool = True) -> None:
         if not strict:
@@ -72,17 +76,18 @@ class FusedSGD(FusedOptimizer):
         return not state or state.get("momentum_buffer") is None
 
     def _new_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
-        pass  # the momentum buffer is created in _call_backend, on the param's first step with momentum
+        pass  # the momentum buffer is created by _complete_states, on the param's first step with momentum
+
+    def _complete_states(self, batch, group: dict) -> None:
+        if batch.first_step and self._uses_momentum(batch.group_index, group):
+            for s, p in zip(batch.states, batch.originals or batch.params):
+                # zeros, not empty: if GradScaler skips this step the buffer must not hold garbage
+                self._zeros_state(p, "momentum_buffer", s)
 
     def _call_backend(self, backend, batch, group, lr, lr_table, momentum_table, schedule_step, grad_scale,
                       found_inf, clip_coef, *, weight_decay_table=None) -> None:
         states = batch.states
         use_momentum = self._uses_momentum(batch.group_index, group)
-        if use_momentum and batch.first_step:
-            for s, p in zip(states, batch.params):
-                # zeros, not empty: if GradScaler skips this step the buffer must not hold garbage
-                s["momentum_buffer"] = torch.zeros_like(p, dtype=self._state_dtype(p),
-                                                        memory_format=torch.preserve_format)
         # momentum is read from momentum_table when there is one (a schedule column, or a tensor momentum)
         momentum = 0.0 if momentum_table is not None else self._number(group["momentum"])
         weight_decay = 0.0 if weight_decay_table is not None else self._number(group["weight_decay"])
@@ -91,4 +96,4 @@ class FusedSGD(FusedOptimizer):
             [s["master_param"] for s in states if "master_param" in s],
             lr, momentum, self._number(group["dampening"]), weight_decay,
             group["nesterov"], group["maximize"], batch.first_step, lr_table, momentum_table, schedule_step,
-            grad_scale, found_inf, clip_coef, weight_decay_table=weight_decay_table)
+            grad_scale, found_inf, clip_coef, weight_decay_table=weight_decay_table, **(batch.small_state or {}))

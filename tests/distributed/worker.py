@@ -340,9 +340,112 @@ def scenario_fsdp2_triton_master(rank, mesh, tmp):
     return out
 
 
+# Small state (state_precision / stochastic_rounding): params whose shards are large enough to be quantized
+# (>= 4,096 elements, so the per-shard reference on plain tensors is quantized too) and sharded unevenly, so that a
+# shard boundary falls inside what would be one block of the full tensor.
+SMALL_SHAPES = [(129, 97), (8199,), (3, 5)]  # 65 + 64 rows (6305 + 6208 elements), 4100 + 4099, and too small
+
+
+def small_state_grads(params, step):
+    """Deterministic full grads (the same on every rank), as DTensors placed like each param."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = []
+    for k, p in enumerate(params):
+        g = torch.Generator().manual_seed(100 * step + k)
+        full = torch.randn(p.shape, generator=g) * (1.0 + step % 3)
+        out.append(distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements))
+    return out
+
+
+def sharded_small_params(mesh, dtype=torch.float32):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(77)
+    return [nn.Parameter(distribute_tensor(torch.randn(s, generator=g).to(dtype), mesh, [Shard(0)]))
+            for s in SMALL_SHAPES]
+
+
+def scenario_fsdp2_small_state(rank, mesh, tmp):
+    """(1) 8-bit states of DTensor params: blocks are per local shard. Reference: the same optimizer on plain
+    tensors holding this rank's shards and grads; the shards must be bitwise equal. (2) Stochastic rounding of
+    bfloat16 DTensor params: the bits are keyed on the element's index in the full tensor, so the sharded run is
+    bitwise the unsharded one (computed on every rank). (3) torch.distributed.checkpoint with 8-bit states: a
+    resumed run is bitwise the uninterrupted one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    out = {}
+    for rule, (fused_cls, _, options) in references().items():
+        params = sharded_small_params(mesh)
+        plain = [nn.Parameter(p.to_local().detach().clone()) for p in params]
+        ours = fused_cls(params, **options, state_precision="8bit")
+        ref = fused_cls(plain, **options, state_precision="8bit")
+        for t in range(4):
+            for p, q, g in zip(params, plain, small_state_grads(params, t)):
+                p.grad = g
+                q.grad = g.to_local().clone()
+            ours.step()
+            ref.step()
+        shard_states, ref_states = [], []
+        for p, q in zip(params, plain):
+            shard_states.append({k: (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+                                 for k, v in ours.state[p].items() if k != "step"})
+            ref_states.append({k: v.detach().clone() for k, v in ref.state[q].items() if k != "step"})
+        out[rule] = {"fused": [p.to_local().detach().clone() for p in params],
+                     "ref": [q.detach().clone() for q in plain],
+                     "states": shard_states, "ref_states": ref_states,
+                     "local_numels": [p.to_local().numel() for p in params],
+                     "state_types": sorted({type(v).__name__ for st in ours.state.values() for k, v in st.items()
+                                            if k != "step"})}
+    # (2) stochastic rounding: sharded == unsharded
+    torch.manual_seed(5)
+    params = sharded_small_params(mesh, torch.bfloat16)
+    full = [nn.Parameter(p.full_tensor().detach().clone()) for p in params]
+    ours = fusedopt.FusedAdamW(params, lr=1e-3, stochastic_rounding=True)
+    torch.manual_seed(5)
+    ref = fusedopt.FusedAdamW(full, lr=1e-3, stochastic_rounding=True)
+    for t in range(3):
+        for p, q, g in zip(params, full, small_state_grads(params, t)):
+            p.grad = g
+            q.grad = g.full_tensor().clone()
+        ours.step()
+        ref.step()
+    out["sr"] = {"fused": [p.full_tensor().detach().clone() for p in params], "ref": [q.detach().clone() for q in full]}
+    # (3) DCP with 8-bit states
+    path = os.path.join(tmp, "ckpt_small_state")
+    params = sharded_small_params(mesh)
+    opt = fusedopt.FusedAdamW(params, lr=1e-2, state_precision="8bit")
+    model = nn.ParameterList(params)
+
+    def steps(opt, params, first, n):
+        for t in range(first, first + n):
+            for p, g in zip(params, small_state_grads(params, t)):
+                p.grad = g
+            opt.step()
+
+    steps(opt, params, 0, 2)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    saved = [p.to_local().detach().clone() for p in params]
+    steps(opt, params, 2, 2)
+    params2 = sharded_small_params(mesh)
+    for p, s in zip(params2, saved):
+        p.to_local().data.copy_(s)
+    model2 = nn.ParameterList(params2)
+    opt2 = fusedopt.FusedAdamW(params2, lr=1e-2, state_precision="8bit")
+    state = {"optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    steps(opt2, params2, 2, 2)
+    out["dcp"] = {"fused": [p.full_tensor().detach().clone() for p in params2],
+                  "ref": [p.full_tensor().detach().clone() for p in params]}
+    return out
+
+
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "fsdp2_clip": scenario_fsdp2_clip,
              "zero": scenario_zero, "dcp": scenario_dcp, "hsdp_clip": scenario_hsdp_clip,
-             "fsdp2_inf_empty": scenario_fsdp2_inf_empty, "fsdp2_triton_master": scenario_fsdp2_triton_master}
+             "fsdp2_inf_empty": scenario_fsdp2_inf_empty, "fsdp2_triton_master": scenario_fsdp2_triton_master,
+             "fsdp2_small_state": scenario_fsdp2_small_state}
 
 
 def main():

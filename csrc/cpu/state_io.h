@@ -1,0 +1,494 @@
+// How the CPU kernels load and store params and states: the storage side of the update, kept apart from the
+// rules (fusedopt/rules.h) and shared by the adamw_, sgd_ and lion_ loops.
+//
+// The loops walk a work item in blocks of kQuantBlock (256) elements (work items start at multiples of it, and
+// blocks restart at every tensor, so they are the 8-bit format's blocks). Per block: every state slot's
+// begin_block() (8-bit: decode the codes into a float buffer that stays in L1), the rule on each element
+// (load -> update -> store through the slots), every slot's end_block() (8-bit: the block's new absmax, then
+// the codes). One pass over memory, whatever the formats. The formats' definitions are
+// fusedopt/state_codec.h (the same functions run in the CUDA kernels; fusedopt/triton/_codec.py mirrors them).
+//
+// Slot types (T is the math type):
+//   PlainSlot<S>     a float dtype S: widen on load, round to nearest even on store (what fusedopt always did)
+//   Bf16SrSlot       bfloat16 rounded stochastically with the counter-based bits of (seed, step, stream, element)
+//   Q8Slot<Map>      8-bit blockwise codes + one float32 absmax per block
+//   NoSlot           a state the call does not have (AdamW without amsgrad, SGD without momentum)
+// Param types: MasterParam (float32 master copy + the rounded param), PlainParam (the param itself, rounded to
+// nearest), SrParam (bfloat16 param rounded stochastically).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "fusedopt/rules.h"
+#include "fusedopt/state_codec.h"
+
+namespace fusedopt {
+namespace cpu {
+
+using codec::kQuantBlock;
+
+// Where a stochastically rounded stream of one tensor starts: the key of (seed, step, 4 * param index + slot)
+// and the index in the full tensor of the work item's first element (a DTensor shard's offset included).
+struct Stream {
+  codec::RoundingKey key;
+  uint64_t first_element;
+};
+
+// The per-call stochastic-rounding arguments: empty `rounding` = round to nearest.
+struct RoundingArgs {
+  bool on = false;
+  uint64_t seed = 0;
+  int64_t step = 0;
+  std::vector<int64_t> param_index;  // per tensor of the call
+  std::vector<int64_t> offset;       // per tensor: index in the full tensor of the local first element
+
+  Stream stream(int64_t tensor, int slot, int64_t begin) const {
+    return Stream{codec::rounding_key(seed, step, 4 * param_index[tensor] + slot),
+                  static_cast<uint64_t>(offset[tensor] + begin)};
+  }
+};
+
+inline RoundingArgs read_rounding(c10::IntArrayRef rounding, const std::optional<at::Tensor>& rounding_step,
+                                  size_t num_tensors, const char* op) {
+  RoundingArgs r;
+  if (rounding.empty()) return r;
+  TORCH_CHECK(rounding.size() == 1 + 2 * num_tensors, op, ": rounding must be [seed, (param index, offset) per "
+              "tensor] with ", 1 + 2 * num_tensors, " entries, got ", rounding.size());
+  TORCH_CHECK(rounding_step.has_value() && rounding_step->numel() == 1 && rounding_step->scalar_type() == at::kLong,
+              op, ": stochastic rounding needs rounding_step, a one-element int64 tensor");
+  r.on = true;
+  r.seed = static_cast<uint64_t>(rounding[0]);
+  r.step = *rounding_step->data_ptr<int64_t>();
+  for (size_t i = 0; i < num_tensors; ++i) {
+    r.param_index.push_back(rounding[1 + 2 * i]);
+    r.offset.push_back(rounding[2 + 2 * i]);
+  }
+  return r;
+}
+
+// The 32 random bits of element e (block-relative index b + j of the work item) of a stream.
+inline uint32_t stream_bits(const Stream& s, int64_t e) {
+  return codec::random_bits(s.key, s.first_element + static_cast<uint64_t>(e));
+}
+
+// A math value rounded to the storage dtype S: c10's conversions, except bfloat16, which goes through the
+// codec's branch-free round-to-nearest-even (the same bits as c10::BFloat16, NaN included; c10's branch on NaN
+// keeps GCC from vectorizing the loop).
+template <typename S, typename T>
+inline S to_storage(T x) {
+  if constexpr (std::is_same_v<S, at::BFloat16>) {
+    return c10::BFloat16(codec::bf16_round_nearest(static_cast<float>(x)), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<S>(x);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// State slots
+// ---------------------------------------------------------------------------------------------------------
+template <typename S>
+struct PlainSlot {
+  S* __restrict__ ptr;
+  void begin_block(int64_t, int64_t) {}
+  void end_block(int64_t, int64_t) {}
+  template <typename T>
+  T load(int64_t b, int64_t j) const {
+    return static_cast<T>(ptr[b + j]);
+  }
+  template <typename T>
+  void store(int64_t b, int64_t j, T x) {
+    ptr[b + j] = to_storage<S>(x);
+  }
+};
+
+struct Bf16SrSlot {
+  uint16_t* __restrict__ ptr;
+  Stream stream;
+  void begin_block(int64_t, int64_t) {}
+  void end_block(int64_t, int64_t) {}
+  template <typename T>
+  T load(int64_t b, int64_t j) const {
+    return static_cast<T>(codec::bf16_to_float(ptr[b + j]));
+  }
+  template <typename T>
+  void store(int64_t b, int64_t j, T x) {
+    ptr[b + j] = codec::bf16_round_stochastic(static_cast<float>(x), stream_bits(stream, b + j));
+  }
+};
+
+// The 256 map values of a map (decode_8bit of every code, exact), built once.
+template <typename Map>
+const float* decode_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (uint32_t c = 0; c < 256; ++c) t[c] = codec::decode_8bit<Map>(c);
+    return t;
+  }();
+  return table.data();
+}
+
+// encode_8bit of len normalized values (x * inv) into codes: the codec's encoder spelled with AVX2 intrinsics,
+// 8 lanes at once, the same float32 operations in the same order (tests/test_quantization.py checks it against
+// the scalar encoder for every float32 pattern class). GCC does not vectorize the scalar encoder (it threads the
+// per-slot table reads into branches); here the 8-entry tables are register permutes.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDOPT_HAVE_AVX2_ENCODER 1  // and decoder, absmax
+template <typename Map>
+__attribute__((target("avx2"))) void encode_block_avx2(const float* __restrict__ x, float inv,
+                                                       uint8_t* __restrict__ out, int64_t len) {
+  const codec::MapConstants& c = Map::constants();
+  const __m256 base = _mm256_loadu_ps(c.base), step = _mm256_loadu_ps(c.step), first = _mm256_loadu_ps(c.first);
+  const __m256 recip = _mm256_loadu_ps(c.recip), kmax = _mm256_loadu_ps(c.kmax);
+  const __m256 midbase = _mm256_loadu_ps(c.midbase);
+  __m256i catchment[8];
+  for (int k = 0; k < 8; ++k) catchment[k] = _mm256_set1_epi32(static_cast<int32_t>(c.catchment[k]));
+  const __m256 vinv = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f), one_f = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(static_cast<float>(c.one));
+  const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF), v127 = _mm256_set1_epi32(127);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 q = _mm256_mul_ps(_mm256_loadu_ps(x + j), vinv);
+    const __m256i bits = _mm256_castps_si256(q);
+    const __m256i abs_bits = _mm256_and_si256(bits, sign_mask);  // <= 0x7FFFFFFF: signed compares are exact
+    const __m256 a = _mm256_castsi256_ps(abs_bits);
+    __m256i slot = _mm256_setzero_si256();
+    for (int k = 0; k < 7; ++k) slot = _mm256_sub_epi32(slot, _mm256_cmpgt_epi32(abs_bits, catchment[k]));
+    const __m256 one = _mm256_castsi256_ps(_mm256_cmpgt_epi32(abs_bits, catchment[7]));
+    const __m256 s_base = _mm256_permutevar8x32_ps(base, slot), s_step = _mm256_permutevar8x32_ps(step, slot);
+    const __m256 s_recip = _mm256_permutevar8x32_ps(recip, slot), s_kmax = _mm256_permutevar8x32_ps(kmax, slot);
+    const __m256 s_mid = _mm256_permutevar8x32_ps(midbase, slot), s_first = _mm256_permutevar8x32_ps(first, slot);
+    __m256 k0 = _mm256_floor_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(a, s_base), s_recip), half));
+    k0 = _mm256_blendv_ps(k0, s_kmax, _mm256_cmp_ps(k0, s_kmax, _CMP_GT_OQ));
+    k0 = _mm256_blendv_ps(k0, zero, _mm256_cmp_ps(k0, zero, _CMP_LT_OQ));
+    const __m256 mid = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(k0, one_f), s_step), s_mid);
+    const __m256 up = _mm256_and_ps(_mm256_cmp_ps(a, mid, _CMP_GT_OQ), one_f);
+    const __m256 m_f = _mm256_blendv_ps(_mm256_add_ps(_mm256_add_ps(s_first, k0), up), top, one);
+    const __m256i m = _mm256_cvttps_epi32(m_f);
+    const __m256i negative = _mm256_srai_epi32(bits, 31);
+    __m256i code;
+    if constexpr (Map::kSigned) {
+      code = _mm256_blendv_epi8(_mm256_add_epi32(v127, m), _mm256_sub_epi32(v127, _mm256_min_epi32(m, v127)),
+                                negative);
+    } else {
+      code = _mm256_andnot_si256(negative, m);
+    }
+    // 8 x int32 in [0, 255] -> 8 bytes
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j), _mm_packus_epi16(words, words));
+  }
+  for (; j < len; ++j) out[j] = static_cast<uint8_t>(codec::encode_8bit<Map>(x[j] * inv));
+}
+
+// decode_8bit(codes[j]) * scale for j < len: the codec's arithmetic decoder (exact: no rounding anywhere), 8 lanes.
+template <typename Map>
+__attribute__((target("avx2"))) void decode_block_avx2(const uint8_t* __restrict__ codes, float scale,
+                                                       float* __restrict__ out, int64_t len) {
+  const codec::MapConstants& c = Map::constants();
+  const __m256 base = _mm256_loadu_ps(c.base), step = _mm256_loadu_ps(c.step), first = _mm256_loadu_ps(c.first);
+  const __m256 offset = _mm256_set1_ps(c.slot_offset), half = _mm256_set1_ps(0.5f), vscale = _mm256_set1_ps(scale);
+  const __m256i bias = _mm256_set1_epi32(c.slot_bias - 127), seven = _mm256_set1_epi32(7);
+  const __m256i zero_point = _mm256_set1_epi32(Map::kSigned ? 127 : 0), v255 = _mm256_set1_epi32(255);
+  const __m256 one_f = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j)));
+    const __m256i t = _mm256_sub_epi32(code, zero_point);
+    const __m256i m = _mm256_abs_epi32(t);
+    const __m256 m_f = _mm256_cvtepi32_ps(m);
+    const __m256i f_bits = _mm256_castps_si256(_mm256_add_ps(m_f, offset));
+    const __m256i slot = _mm256_and_si256(_mm256_add_epi32(_mm256_srli_epi32(f_bits, 23), bias), seven);
+    const __m256 k_half = _mm256_add_ps(_mm256_sub_ps(m_f, _mm256_permutevar8x32_ps(first, slot)), half);
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(k_half, _mm256_permutevar8x32_ps(step, slot)),
+                             _mm256_permutevar8x32_ps(base, slot));
+    v = _mm256_blendv_ps(v, one_f, _mm256_castsi256_ps(_mm256_cmpeq_epi32(code, v255)));
+    v = _mm256_or_ps(v, _mm256_and_ps(sign, _mm256_castsi256_ps(t)));  // t < 0: -v (v >= 0)
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(v, vscale));
+  }
+  for (; j < len; ++j) out[j] = codec::decode_8bit<Map>(codes[j]) * scale;
+}
+
+// The largest |x| of x[0..len) as float32 bits with the sign cleared (an integer max: exact, a NaN wins).
+__attribute__((target("avx2"))) inline uint32_t absmax_bits_avx2(const float* __restrict__ x, int64_t len) {
+  const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i top = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    top = _mm256_max_epu32(top, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), mask));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), top);
+  uint32_t out = 0;
+  for (int l = 0; l < 8; ++l) out = codec::max_bits(out, lanes[l]);
+  for (; j < len; ++j) out = codec::max_bits(out, codec::abs_bits(x[j]));
+  return out;
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+// The codes of x[0..len) * inv: the AVX2 encoder where the CPU has it, else the scalar one (the same bits).
+template <typename Map>
+inline void encode_block(const float* __restrict__ x, float inv, uint8_t* __restrict__ out, int64_t len) {
+#if defined(FUSEDOPT_HAVE_AVX2_ENCODER)
+  if (cpu_has_avx2()) {
+    encode_block_avx2<Map>(x, inv, out, len);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < len; ++j) out[j] = static_cast<uint8_t>(codec::encode_8bit<Map>(x[j] * inv));
+}
+
+template <typename Map>
+inline void decode_block(const uint8_t* __restrict__ codes, const float* __restrict__ table, float scale,
+                         float* __restrict__ out, int64_t len) {
+#if defined(FUSEDOPT_HAVE_AVX2_ENCODER)
+  if (cpu_has_avx2()) {
+    decode_block_avx2<Map>(codes, scale, out, len);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < len; ++j) out[j] = table[codes[j]] * scale;
+}
+
+inline uint32_t absmax_bits(const float* __restrict__ x, int64_t len) {
+#if defined(FUSEDOPT_HAVE_AVX2_ENCODER)
+  if (cpu_has_avx2()) return absmax_bits_avx2(x, len);
+#endif
+  uint32_t top = 0;
+  for (int64_t j = 0; j < len; ++j) top = codec::max_bits(top, codec::abs_bits(x[j]));
+  return top;
+}
+
+template <typename Map>
+struct Q8Slot {
+  uint8_t* __restrict__ codes;
+  float* __restrict__ absmax;  // of the work item's first block
+  const float* __restrict__ table;
+  alignas(64) float buf[kQuantBlock];
+
+  Q8Slot(uint8_t* c, float* a) : codes(c), absmax(a), table(decode_table<Map>()) {}
+
+  void begin_block(int64_t b, int64_t len) {
+    decode_block<Map>(codes + b, table, absmax[b / kQuantBlock], buf, len);
+  }
+  // The block's new absmax (an integer max of the bit patterns: exact, a NaN wins), then every code.
+  void end_block(int64_t b, int64_t len) {
+    const float block_absmax = codec::bits_float(absmax_bits(buf, len));
+    const float inv = codec::inverse_absmax(block_absmax);
+    encode_block<Map>(buf, inv, codes + b, len);
+    absmax[b / kQuantBlock] = block_absmax;
+  }
+  template <typename T>
+  T load(int64_t, int64_t j) const {
+    return static_cast<T>(buf[j]);
+  }
+  template <typename T>
+  void store(int64_t, int64_t j, T x) {
+    buf[j] = static_cast<float>(x);
+  }
+};
+
+struct NoSlot {
+  void begin_block(int64_t, int64_t) {}
+  void end_block(int64_t, int64_t) {}
+  template <typename T>
+  T load(int64_t, int64_t) const {
+    return T(0);
+  }
+  template <typename T>
+  void store(int64_t, int64_t, T) {}
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Params
+// ---------------------------------------------------------------------------------------------------------
+template <typename P>
+struct MasterParam {
+  P* __restrict__ param;
+  float* __restrict__ master;
+  template <typename T>
+  T load(int64_t e) const {
+    return static_cast<T>(master[e]);
+  }
+  template <typename T>
+  void store(int64_t e, T p) {
+    master[e] = static_cast<float>(p);
+    param[e] = to_storage<P>(p);  // the rounded result
+  }
+};
+
+template <typename P>
+struct PlainParam {
+  P* __restrict__ param;
+  template <typename T>
+  T load(int64_t e) const {
+    return static_cast<T>(param[e]);
+  }
+  template <typename T>
+  void store(int64_t e, T p) {
+    param[e] = to_storage<P>(p);
+  }
+};
+
+struct SrParam {
+  uint16_t* __restrict__ param;  // bfloat16 bits
+  Stream stream;
+  template <typename T>
+  T load(int64_t e) const {
+    return static_cast<T>(codec::bf16_to_float(param[e]));
+  }
+  template <typename T>
+  void store(int64_t e, T p) {
+    param[e] = codec::bf16_round_stochastic(static_cast<float>(p), stream_bits(stream, e));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// The one element loop of every rule: update(p, g, s) with s an array of the slots' values (in slot order).
+// ---------------------------------------------------------------------------------------------------------
+template <typename T, typename Param, typename G, typename Update, typename Slots, size_t... I>
+inline __attribute__((always_inline)) void for_each_element_impl(Param& param, const G* __restrict__ grad,
+                                                                 int64_t n, const GradTransform<T>& transform,
+                                                                 const Update& update, Slots& slots,
+                                                                 std::index_sequence<I...>) {
+  for (int64_t b = 0; b < n; b += kQuantBlock) {
+    const int64_t len = std::min(kQuantBlock, n - b);
+    (std::get<I>(slots).begin_block(b, len), ...);
+    for (int64_t j = 0; j < len; ++j) {
+      T p = param.template load<T>(b + j);
+      const T g = transform_grad(static_cast<T>(grad[b + j]), transform);
+      T s[sizeof...(I)] = {std::get<I>(slots).template load<T>(b, j)...};
+      update(p, g, s);
+      (std::get<I>(slots).template store<T>(b, j, s[I]), ...);
+      param.template store<T>(b + j, p);
+    }
+    (std::get<I>(slots).end_block(b, len), ...);
+  }
+}
+
+template <typename T, typename Param, typename G, typename Update, typename... Slot>
+inline __attribute__((always_inline)) void for_each_element(Param& param, const G* __restrict__ grad, int64_t n,
+                                                            const GradTransform<T>& transform,
+                                                            const Update& update, Slot&... slots) {
+  std::tuple<Slot&...> refs(slots...);
+  for_each_element_impl<T>(param, grad, n, transform, update, refs, std::index_sequence_for<Slot...>{});
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-tensor formats, and the dispatch to the slot types (one runtime choice per work item)
+// ---------------------------------------------------------------------------------------------------------
+enum class StateFormat { kPlain, kFloat, kBf16, kBf16Sr, kQ8 };
+
+// The format of a tensor's states: all its rule states share one (the optimizers choose it per param).
+// `plain` is the dtype the states have without small state (float32 with master weights, else the param's).
+inline StateFormat state_format(const at::Tensor& state, at::ScalarType plain, bool stochastic) {
+  const auto dtype = state.scalar_type();
+  if (dtype == at::kByte) return StateFormat::kQ8;
+  if (dtype == at::kBFloat16 && stochastic) return StateFormat::kBf16Sr;
+  if (dtype == plain) return StateFormat::kPlain;
+  if (dtype == at::kFloat) return StateFormat::kFloat;
+  if (dtype == at::kBFloat16) return StateFormat::kBf16;
+  TORCH_CHECK(false, "fusedopt: a state of dtype ", dtype, " is not supported (", plain,
+              ", float32, bfloat16 or uint8 codes)");
+}
+
+// A slot factory per format: make<Map>(tensor, absmax, stream for this slot) -> the slot of a work item.
+template <typename S>
+struct PlainFormat {
+  template <typename Map>
+  static PlainSlot<S> make(const at::Tensor& t, const at::Tensor*, int64_t begin, const Stream&) {
+    return PlainSlot<S>{t.data_ptr<S>() + begin};
+  }
+};
+
+struct Bf16SrFormat {
+  template <typename Map>
+  static Bf16SrSlot make(const at::Tensor& t, const at::Tensor*, int64_t begin, const Stream& stream) {
+    return Bf16SrSlot{reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()) + begin, stream};
+  }
+};
+
+struct Q8Format {
+  template <typename Map>
+  static Q8Slot<Map> make(const at::Tensor& t, const at::Tensor* absmax, int64_t begin, const Stream&) {
+    return Q8Slot<Map>(t.data_ptr<uint8_t>() + begin, absmax->data_ptr<float>() + begin / kQuantBlock);
+  }
+};
+
+// The params whose kernels read small states themselves: float32 and bfloat16 (the optimizers send float16 and
+// float64 params with small states through their staged path, which keeps the number of compiled loops down).
+template <typename P>
+constexpr bool kFusedSmallState = std::is_same_v<P, float> || std::is_same_v<P, at::BFloat16>;
+
+// fn(format tag) for the work item's format; S is the plain state dtype of the call (float32 with master
+// weights, else the params' dtype).
+template <typename P, typename S, typename Fn>
+void dispatch_format(StateFormat f, const Fn& fn) {
+  if constexpr (!kFusedSmallState<P>) {
+    TORCH_CHECK(f == StateFormat::kPlain, "fusedopt: ", c10::CppTypeToScalarType<P>::value,
+                " params take states of their own dtype (small states run through the optimizers' staged path)");
+    fn(PlainFormat<S>{});
+  } else {
+    switch (f) {
+      case StateFormat::kPlain:
+        fn(PlainFormat<S>{});
+        break;
+      case StateFormat::kFloat:
+        if constexpr (!std::is_same_v<S, float>) fn(PlainFormat<float>{});
+        break;
+      case StateFormat::kBf16:
+        if constexpr (!std::is_same_v<S, at::BFloat16>) fn(PlainFormat<at::BFloat16>{});
+        break;
+      case StateFormat::kBf16Sr:
+        fn(Bf16SrFormat{});
+        break;
+      case StateFormat::kQ8:
+        fn(Q8Format{});
+        break;
+    }
+  }
+}
+
+// fn(param io) for the work item's params: the float32 master copy (S is float32 and P is not: master weights),
+// plain, or stochastically rounded bfloat16.
+template <typename P, typename S, typename Fn>
+void dispatch_param(const at::Tensor& param, const at::Tensor* master, int64_t begin, const RoundingArgs& rounding,
+                    int64_t tensor, const Fn& fn) {
+  if constexpr (!std::is_same_v<P, S>) {
+    fn(MasterParam<P>{param.data_ptr<P>() + begin, master->data_ptr<float>() + begin});
+  } else {
+    TORCH_CHECK(master == nullptr, "fusedopt: master_params are float32 copies of bfloat16 / float16 params; ",
+                c10::CppTypeToScalarType<P>::value, " params are their own master copy");
+    if constexpr (std::is_same_v<P, at::BFloat16>) {
+      if (rounding.on) {
+        fn(SrParam{reinterpret_cast<uint16_t*>(param.data_ptr<P>()) + begin, rounding.stream(tensor, 0, begin)});
+        return;
+      }
+    }
+    fn(PlainParam<P>{param.data_ptr<P>() + begin});
+  }
+}
+
+// The absmax tensor of state list `slot` (0-based) of tensor i (read only for 8-bit states), or nullptr.
+inline const at::Tensor* absmax_of(at::TensorList absmaxes, size_t num_tensors, int slot, size_t i) {
+  return absmaxes.empty() ? nullptr : &absmaxes[slot * num_tensors + i];
+}
+
+}  // namespace cpu
+}  // namespace fusedopt
