@@ -473,8 +473,14 @@ void dispatch_param(const at::Tensor& param, const at::Tensor* master, int64_t b
   if constexpr (!std::is_same_v<P, S>) {
     fn(MasterParam<P>{param.data_ptr<P>() + begin, master->data_ptr<float>() + begin});
   } else {
-    TORCH_CHECK(master == nullptr, "fusedopt: master_params are float32 copies of bfloat16 / float16 params; ",
-                c10::CppTypeToScalarType<P>::value, " params are their own master copy");
+    if constexpr (std::is_same_v<P, float>) {
+      if (master != nullptr) {  // float32 params with a float32 master copy, accepted as on every backend: both
+        fn(MasterParam<P>{param.data_ptr<P>() + begin, master->data_ptr<float>() + begin});  // written
+        return;
+      }
+    }
+    TORCH_CHECK(master == nullptr, "fusedopt: master_params are float32 copies of bfloat16 / float16 / float32 ",
+                "params; ", c10::CppTypeToScalarType<P>::value, " params are their own master copy");
     if constexpr (std::is_same_v<P, at::BFloat16>) {
       if (rounding.on) {
         fn(SrParam{reinterpret_cast<uint16_t*>(param.data_ptr<P>()) + begin, rounding.stream(tensor, 0, begin)});
