@@ -107,7 +107,6 @@ if hasattr(fusedopt, "FusedAdam"):  # torch.optim.Adam's L2 weight decay (added 
                          "amsgrad_maximize": (dict(lr=1e-2, weight_decay=0.5, amsgrad=True, maximize=True),
                                               [{}, dict(lr=2e-2)], _one_cycle),
                      })
-# rules the host-executed CUDA bodies implement (tests/test_cuda_host.py's `call`)
 
 CASES = [(rule, config) for rule, (_, _, _, configs) in RULES.items() for config in configs]
 BACKENDS = usable_backends() + ["cuda_host"]
