@@ -107,8 +107,6 @@ if hasattr(fusedopt, "FusedAdam"):  # torch.optim.Adam's L2 weight decay (added 
                          "amsgrad_maximize": (dict(lr=1e-2, weight_decay=0.5, amsgrad=True, maximize=True),
                                               [{}, dict(lr=2e-2)], _one_cycle),
                      })
-# rules the host-executed CUDA bodies implement (tests/test_cuda_host.py's `call`)
-HOST_RULES = ("adamw", "sgd", "lion")
 
 CASES = [(rule, config) for rule, (_, _, _, configs) in RULES.items() for config in configs]
 BACKENDS = usable_backends() + ["cuda_host"]
@@ -205,14 +203,14 @@ class HostRun:
             idx = opts.pop("params")
             hp = dict(options, **opts)
             g = type("SimGroup", (), {})()
-            g.rule, g.index, g.hp = rule, idx, hp
+            g.rule, g.index, g.hp = "adamw" if rule == "adam" else rule, idx, hp
             g.params = [base[i].clone() for i in idx]
             g.grads = [torch.zeros_like(p) for p in g.params]
             g.master_params = [p.float() for p in g.params] if master else []
-            n_states = {"adamw": 3 if hp.get("amsgrad") else 2, "lion": 1,
+            n_states = {"adamw": 3 if hp.get("amsgrad") else 2, "adam": 3 if hp.get("amsgrad") else 2, "lion": 1,
                         "sgd": 1 if hp.get("momentum", 0) else 0}[rule]
             g.states = [[torch.zeros(p.shape, dtype=sdtype) for p in g.params] for _ in range(n_states)]
-            g.steps = [torch.zeros((), dtype=torch.int64) for _ in g.params] if rule == "adamw" else []
+            g.steps = [torch.zeros((), dtype=torch.int64) for _ in g.params] if g.rule == "adamw" else []
             self.groups.append(g)
         self.where = {i: (g, k) for g in self.groups for k, i in enumerate(g.index)}
         self.t = 0
@@ -229,9 +227,9 @@ class HostRun:
                           nesterov=g.hp.get("nesterov", False), maximize=g.hp.get("maximize", False))
             else:
                 hp.update(beta1=hp_now["betas"][0], beta2=hp_now["betas"][1])
-                if self.rule == "adamw":
+                if self.rule in ("adamw", "adam"):
                     hp.update(eps=g.hp.get("eps", 1e-8), amsgrad=g.hp.get("amsgrad", False),
-                              maximize=g.hp.get("maximize", False))
+                              maximize=g.hp.get("maximize", False), decoupled=self.rule == "adamw")
             self.H.call(self.sim, g, hp, no_controls, first_step=self.t == 0, extra=self.H.sim_args())
         self.t += 1
 
@@ -241,7 +239,7 @@ class HostRun:
         if self.t > 0 or self.rule != "sgd":  # torch's SGD has no momentum buffer before the first step
             for key, lst in zip(self.keys, g.states):
                 out[key] = lst[k]
-        if self.rule == "adamw":
+        if self.rule in ("adamw", "adam"):
             out["step"] = g.steps[k]
         return {key: v.detach().clone() for key, v in out.items()}
 
@@ -368,8 +366,6 @@ def run_and_check(rule, config, dtype, backend, master):
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("rule,config", CASES)
 def test_each_step_is_the_float64_oracle_rounded(rule, config, dtype, master, backend):
-    if backend == "cuda_host" and rule not in HOST_RULES:
-        pytest.skip(f"tests/test_cuda_host.py's harness has no {rule} op")
     run_and_check(rule, config, dtype, backend, master)
 
 
@@ -390,8 +386,6 @@ if __name__ == "__main__":  # the margins: worst error / bound, and the share of
         for dtype in LOW:
             for master in (False, True):
                 for backend in sys.argv[1:] or BACKENDS:
-                    if backend == "cuda_host" and rule not in HOST_RULES:
-                        continue
                     w, share = run_and_check(rule, config, dtype, backend, master)
                     print(f"{rule:6s} {config:22s} {str(dtype):15s} master={master!s:5s} {backend:9s} "
                           f"worst/bound {w:.3f} resolvable {share:.2f}", flush=True)
