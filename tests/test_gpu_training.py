@@ -249,8 +249,9 @@ def _no_sync_setup(rule, backend, case):
     return model, opt, scaler
 
 
-def _train_step(model, opt, scaler, t):
-    x, y = batch(t, n=16, width=64, out=8)
+def _train_step(model, opt, scaler, t, data=None):
+    """One AMP-style iteration on batch t (or on `data`, an (x, y) pair made beforehand)."""
+    x, y = data if data is not None else batch(t, n=16, width=64, out=8)
     dtype = next(model.parameters()).dtype
     opt.zero_grad(set_to_none=True)
     loss = nn.functional.mse_loss(model(x.to(dtype)).float(), y)
@@ -278,17 +279,7 @@ def test_training_steps_never_sync(rule, backend, case, monkeypatch):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for t in range(20):
-            x, y = batches[t]
-            dtype = next(model.parameters()).dtype
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(model(x.to(dtype)).float(), y)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            _train_step(model, opt, scaler, t, batches[t])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
