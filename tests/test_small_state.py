@@ -36,6 +36,7 @@ from conftest import backend_device, require_backend, usable_backends
 BACKENDS = usable_backends()
 RULES = {
     "adamw": (fusedopt.FusedAdamW, dict(lr=1e-2, weight_decay=0.1), ("exp_avg", "exp_avg_sq")),
+    "adam": (fusedopt.FusedAdam, dict(lr=1e-2, weight_decay=0.1), ("exp_avg", "exp_avg_sq")),  # L2 decay
     "sgd": (fusedopt.FusedSGD, dict(lr=1e-2, momentum=0.9, weight_decay=0.01), ("momentum_buffer",)),
     "lion": (fusedopt.FusedLion, dict(lr=1e-3, weight_decay=0.1), ("exp_avg",)),
 }
@@ -141,7 +142,7 @@ def test_8bit_layout_and_bytes_per_param(rule):
     state_bytes = sum(v.numel() * v.element_size() for p in big for k, v in opt.state[p].items() if k != "step")
     per_param = state_bytes / sum(p.numel() for p in big)
     # the bounds: <= 2.05 B/param for AdamW, <= 1.05 for Lion and SGD momentum (2 or 1 codes + 4/256 each)
-    assert per_param <= (2.05 if rule == "adamw" else 1.05), per_param
+    assert per_param <= (2.05 if rule in ("adamw", "adam") else 1.05), per_param
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
@@ -163,11 +164,14 @@ def reference_step(rule, hp, p, g, state, step):
     p64, g64 = p.reshape(-1).double(), g.reshape(-1).double()
     lr, wd = hp["lr"], hp["weight_decay"]
     new = {}
-    if rule == "adamw":
+    if rule in ("adamw", "adam"):
         b1, b2, eps = 0.9, 0.999, 1e-8
+        if rule == "adam":
+            g64 = g64 + wd * p64  # torch.optim.Adam's L2 decay
         m = decoded("exp_avg") * b1 + (1 - b1) * g64
         v = decoded("exp_avg_sq") * b2 + (1 - b2) * g64 * g64
-        p64 = p64 * (1 - lr * wd)
+        if rule == "adamw":
+            p64 = p64 * (1 - lr * wd)
         p64 = p64 - lr / (1 - b1 ** step) * m / (v.sqrt() / math.sqrt(1 - b2 ** step) + eps)
         new = {"exp_avg": m, "exp_avg_sq": v}
     elif rule == "sgd":
@@ -255,6 +259,7 @@ def test_backends_bitwise_equal(rule, precision, dtype, sr):
 @pytest.mark.parametrize("rule,precision,dtype,sr,extra", [
     ("adamw", "8bit", torch.float32, False, dict(amsgrad=True)),
     ("adamw", "8bit", torch.float32, False, dict(maximize=True)),
+    ("adam", "8bit", torch.float32, False, dict(amsgrad=True)),
     ("adamw", "8bit", torch.bfloat16, False, dict(master_weights=True)),
     ("adamw", "bf16", torch.float32, False, {}),
     ("adamw", "bf16", torch.float32, True, {}),

@@ -29,8 +29,9 @@ class FusedAdam(FusedAdamW):
             ``decoupled_weight_decay`` may also differ per param group (the group key torch uses).
         foreach, capturable, differentiable, fused: torch's implementation switches, accepted and recorded as
             :class:`fusedopt.FusedAdamW` does (``differentiable=True`` raises RuntimeError).
-        schedule, backend, max_grad_norm, norm_type, master_weights (keyword-only): as
-            :class:`fusedopt.FusedAdamW`.
+        schedule, backend, max_grad_norm, norm_type, master_weights, state_precision, stochastic_rounding
+            (keyword-only): as :class:`fusedopt.FusedAdamW` (``state_precision="8bit"``: ``exp_avg`` in the signed,
+            ``exp_avg_sq`` / ``max_exp_avg_sq`` in the unsigned 8-bit map).
 
     State keys: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad), as torch's, so
     checkpoints move between ``torch.optim.Adam`` and ``FusedAdam`` in both directions.
@@ -47,14 +48,16 @@ class FusedAdam(FusedAdamW):
                  decoupled_weight_decay: bool = False, *, foreach: Optional[bool] = None, capturable: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None,
                  schedule: Optional[ScheduleTable] = None, backend: str = "auto",
-                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False):
+                 max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False,
+                 state_precision: Optional[str] = None, stochastic_rounding: bool = False):
         # decoupled_weight_decay is a param-group key, as in torch.optim.Adam (add_param_group takes it from the
         # defaults); the rest is FusedAdamW's construction (FusedOptimizer's, with Adam's defaults)
         defaults = dict(lr=lr, betas=_scalar_betas(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         FusedOptimizer.__init__(self, params, defaults, schedule=schedule, backend=backend,
-                                max_grad_norm=max_grad_norm, norm_type=norm_type, master_weights=master_weights)
+                                max_grad_norm=max_grad_norm, norm_type=norm_type, master_weights=master_weights,
+                                state_precision=state_precision, stochastic_rounding=stochastic_rounding)
 
     def _check_group(self, group: dict, strict: bool = True) -> None:
         super()._check_group(group, strict)
