@@ -256,6 +256,28 @@ def test_adam_checkpoints_carry_the_decay_mode():
     assert fused.param_groups[0]["decoupled_weight_decay"] is False
 
 
+def test_adam_checkpoint_into_adamw_decays_decoupled_as_torch():
+    """torch.optim.AdamW forces decoupled_weight_decay=True on load (its __setstate__): an Adam (L2) checkpoint
+    loaded into AdamW continues with AdamW's decay. FusedAdamW does the same, and its groups carry the key
+    with torch's value, checked against torch.optim.AdamW loading the same checkpoint."""
+    params = make_params()
+    adam = torch.optim.Adam(params, lr=1e-2, weight_decay=0.1, foreach=False)
+    run(adam, params, GRADS[:3])
+    sd = through_bytes(adam.state_dict())
+    assert [g["decoupled_weight_decay"] for g in sd["param_groups"]] == [False]
+    ref_params, fused_params = clone_params(params), clone_params(params)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.1, foreach=False)
+    fused = FusedAdamW(fused_params, lr=1e-2, weight_decay=0.1)
+    ref.load_state_dict(through_bytes(sd))  # a copy each: torch's load keeps float32 state tensors as they are
+    fused.load_state_dict(through_bytes(sd))
+    assert fused.param_groups[0]["decoupled_weight_decay"] is ref.param_groups[0]["decoupled_weight_decay"] is True
+    run(ref, ref_params, GRADS[3:6])
+    run(fused, fused_params, GRADS[3:6])
+    # RTOL / ATOL: the kernel's roundings vs eager's (see their definition); L2 instead of decoupled decay would
+    # differ by ~lr * weight_decay * |p| = 1e-3 relative, far outside them
+    assert_match(ref_params, ref, fused_params, fused, ("exp_avg", "exp_avg_sq"))
+
+
 def test_torch_adamw_checkpoint_into_a_table_schedule():
     """A torch.optim.AdamW + LambdaLR checkpoint loaded into FusedAdamW(schedule=table with the same
     factors): the schedule resumes at the checkpoint's step (the per-param 'step')."""

@@ -69,9 +69,10 @@ class FusedAdamW(FusedOptimizer):
                  schedule: Optional[ScheduleTable] = None, backend: str = "auto",
                  max_grad_norm: Optional[float] = None, norm_type: float = 2.0, master_weights: bool = False,
                  state_precision: Optional[str] = None, stochastic_rounding: bool = False):
+        # decoupled_weight_decay=True: the group key torch.optim.AdamW carries (as a subclass of Adam), always True
         defaults = dict(lr=lr, betas=_scalar_betas(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
-                        fused=fused)
+                        fused=fused, decoupled_weight_decay=True)
         super().__init__(params, defaults, schedule=schedule, backend=backend, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, master_weights=master_weights, state_precision=state_precision,
                          stochastic_rounding=stochastic_rounding)
@@ -127,3 +128,11 @@ class FusedAdamW(FusedOptimizer):
     def _decoupled_weight_decay(self, group: dict) -> bool:
         """AdamW's decay (p *= 1 - lr*wd) always; FusedAdam reads its group's decoupled_weight_decay."""
         return True
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if type(self)._decoupled_weight_decay is FusedAdamW._decoupled_weight_decay:
+            # As torch.optim.AdamW.__setstate__: an Adam checkpoint (decoupled_weight_decay False, L2 decay) loaded
+            # into AdamW still decays decoupled, and its groups say so.
+            for group in self.param_groups:
+                group["decoupled_weight_decay"] = True
