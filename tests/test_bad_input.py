@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import BackendUnavailable, FusedAdamW, FusedLion, FusedSGD, backends
+from fusedopt import BackendUnavailable, FusedAdam, FusedAdamW, FusedLion, FusedSGD, backends
 from fusedopt import _ops
 from fusedopt.schedules import ScheduleTable
 
@@ -24,6 +24,7 @@ NAN, INF = float("nan"), float("inf")
 # name -> (class, good constructor kwargs)
 OPTS = {
     "adamw": (FusedAdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adam": (FusedAdam, dict(lr=1e-2, weight_decay=0.1)),
     "sgd": (FusedSGD, dict(lr=1e-2, momentum=0.9, weight_decay=0.1)),
     "lion": (FusedLion, dict(lr=1e-3, weight_decay=0.1)),
 }
@@ -153,7 +154,8 @@ def _oracle_of(name, opt):
     if name == "lion":
         oracle = Lion(groups, lr=1e-3)
     else:
-        oracle = (torch.optim.AdamW if name == "adamw" else torch.optim.SGD)(groups, lr=1e-3, foreach=False)
+        torch_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+        oracle = torch_class(groups, lr=1e-3, foreach=False)
     oracle.load_state_dict(copy.deepcopy(opt.state_dict()))
     for p, q in zip(all_params(opt), params):
         q.grad = p.grad.clone()

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as L
 
-from fusedopt import FusedAdamW, FusedLion, FusedSGD
+from fusedopt import FusedAdam, FusedAdamW, FusedLion, FusedSGD
 
 from conftest import require_lion
 
@@ -84,6 +84,10 @@ OPTS = {
         lambda ps: torch.optim.AdamW(groups(ps, 1e-2), lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=False),
         lambda ps: FusedAdamW(groups(ps, 1e-2), lr=1e-2, weight_decay=0.1, amsgrad=True),
         ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "betas"),
+    "adam_l2": (  # torch.optim.Adam's L2 decay (added to the gradient)
+        lambda ps: torch.optim.Adam(groups(ps, 1e-2), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, foreach=False),
+        lambda ps: FusedAdam(groups(ps, 1e-2), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+        ("exp_avg", "exp_avg_sq"), "betas"),
     "lion": (  # lion-pytorch's Lion is the reference for FusedLion
         lambda ps: Lion(groups(ps, 1e-3), lr=1e-3, weight_decay=0.1),
         lambda ps: FusedLion(groups(ps, 1e-3), lr=1e-3, weight_decay=0.1),
