@@ -736,7 +736,8 @@ def assert_same_optimizer_state(opt_a, opt_b, what):
 @pytest.mark.parametrize("case", list(SMALL_CASES))
 def test_small_state_training_matches_cpu_kernel(case, monkeypatch):
     """A training loop on the GPU (forward, backward, step) with 8-bit / bf16 states, and its twin on the CPU
-    stepping on copies of the same grads: bitwise equal params and states after every step."""
+    stepping on copies of the same grads: bitwise equal params and states after every step. Every step after the
+    first runs under torch.cuda.set_sync_debug_mode("error"): nothing in it synchronizes with the host."""
     no_staging(monkeypatch)
     dtype = SMALL_CASES[case][3]
     model, opt = small_setup(case, DEVICE, "cuda")
@@ -747,7 +748,14 @@ def test_small_state_training_matches_cpu_kernel(case, monkeypatch):
         torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
         for p, q in zip(model.parameters(), cpu_model.parameters()):
             q.grad = p.grad.cpu()
-        opt.step()
+        if t == 0:
+            opt.step()  # creates the states
+        else:
+            torch.cuda.set_sync_debug_mode("error")  # the step never waits for the GPU
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
         cpu_opt.step()
         for (name, p), q in zip(model.named_parameters(), cpu_model.parameters()):
             assert_same_tensors(p.detach(), q.detach(), f"step {t}: {name}")
