@@ -821,7 +821,8 @@ class SmallGroup:
         gen = torch.Generator().manual_seed(seed)
         self.params = [s.new("params", dtype).copy_(torch.randn(s.size, generator=gen)) for s in specs]
         self.grads = [s.new("grads", dtype) for s in specs]
-        self.master_params = [s.new("master", torch.float32).copy_(p) for s, p in zip(specs, self.params)] if master else []
+        self.master_params = ([s.new("master", torch.float32).copy_(p) for s, p in zip(specs, self.params)]
+                              if master else [])
         lists = {"adamw": 3, "sgd": 1, "lion": 1}[rule]
         present = {"adamw": 3 if amsgrad else 2, "sgd": 1 if momentum else 0, "lion": 1}[rule]
         signed = {"adamw": [True, False, False], "sgd": [True], "lion": [True]}[rule]

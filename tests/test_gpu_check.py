@@ -150,7 +150,8 @@ def test_small_state_bench_is_bounded_and_counted(tmp_path):
     results = tmp_path / "results.json"
     rows = [dict(model="gpt2-small", rule=r, dtype=d, scenario="step", contender=c, status=st)
             for r, d, c, st in [("adamw", "8bit", "fusedopt[cuda]", "ok"), ("adamw", "8bit", "bnb AdamW8bit", "ok"),
-                                ("lion", "8bit", "fusedopt[cuda]", "ok"), ("sgd", "bf16-sr", "fusedopt[cuda]", "error")]]
+                                ("lion", "8bit", "fusedopt[cuda]", "ok"),
+                                ("sgd", "bf16-sr", "fusedopt[cuda]", "error")]]
     results.write_text(json.dumps({"results": rows}))
     assert gpu_check.bench_groups(str(results)) == 2
     assert gpu_check.bench_groups(str(tmp_path / "missing.json")) == 0

@@ -169,7 +169,8 @@ constexpr int max_small_tensors_for() {
   return n > 255 ? 255 : static_cast<int>(n);
 }
 
-using AdamWSmallArgs = SmallLaunchArgs<AdamWHyper, kAdamWLists, 3, max_small_tensors_for<AdamWHyper, kAdamWLists + 3>()>;
+using AdamWSmallArgs =
+    SmallLaunchArgs<AdamWHyper, kAdamWLists, 3, max_small_tensors_for<AdamWHyper, kAdamWLists + 3>()>;
 using SGDSmallArgs = SmallLaunchArgs<SGDHyper, kSGDLists, 1, max_small_tensors_for<SGDHyper, kSGDLists + 1>()>;
 using LionSmallArgs = SmallLaunchArgs<LionHyper, kLionLists, 1, max_small_tensors_for<LionHyper, kLionLists + 1>()>;
 

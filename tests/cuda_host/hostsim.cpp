@@ -123,7 +123,8 @@ struct HostLauncher {
       ++small_blocks;
       SmallShared sh;
       std::memset(&sh, 0xA5, sizeof(sh));  // shared memory starts with garbage: the body must zero what it uses
-      HostThreads<Rule::kStates> ex{bdim, sim.reverse, std::vector<SmallRegs<Rule::kStates>>(static_cast<size_t>(bdim))};
+      HostThreads<Rule::kStates> ex{bdim, sim.reverse,
+                                    std::vector<SmallRegs<Rule::kStates>>(static_cast<size_t>(bdim))};
       small_rule_block<Rule, P, Fmt>(ex, args, prep, sh, b);
       barriers += ex.barriers;
     }
@@ -153,8 +154,8 @@ std::vector<int64_t> sim_adamw(TensorList params, TensorList grads, TensorList e
                                const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
                                const OptionalTensor& weight_decay_table, bool decoupled_weight_decay,
                                const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding,
-                               const OptionalTensor& rounding_step, int64_t chunk_size, int64_t max_tensors, int64_t max_blocks, int64_t block_dim,
-                               int64_t steps_per_launch, bool reverse) {
+                               const OptionalTensor& rounding_step, int64_t chunk_size, int64_t max_tensors,
+                               int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch, bool reverse) {
   HostLauncher launcher = make_launcher(chunk_size, max_tensors, max_blocks, block_dim, steps_per_launch, reverse);
   adamw_impl(launcher, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1,
              beta2, eps, weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale,
