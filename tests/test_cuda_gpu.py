@@ -660,3 +660,151 @@ def test_optimizer_classes(rule):
             group["lr"] = base_lr * sched_table.lr_at(step)
         ref.step()
     assert_close_lists(params, ref_params, rtol=1e-5, atol=1e-5, what="params")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Small states: 8-bit / bf16 states and stochastic rounding loaded and stored by the CUDA kernels themselves
+# ------------------------------------------------------------------------------------------------------------
+# The CUDA kernels and the CPU kernel run the same codec (csrc/fusedopt/state_codec.h) around the same rules, so a
+# training run whose CPU twin steps on the very same grads must stay bit for bit equal to it: params, codes,
+# absmaxes, bf16 states. (tests/test_cuda_host.py checks the same block bodies on the host in CI.)
+SMALL_CASES = {
+    "adamw-8bit": ("FusedAdamW", dict(lr=2e-3, weight_decay=0.1), "8bit", torch.float32, False),
+    "lion-8bit": ("FusedLion", dict(lr=2e-4, weight_decay=0.1), "8bit", torch.float32, False),
+    "adamw-8bit-bf16-params-sr": ("FusedAdamW", dict(lr=2e-3, weight_decay=0.1), "8bit", torch.bfloat16, True),
+    "sgd-bf16-states-sr": ("FusedSGD", dict(lr=1e-2, momentum=0.9, nesterov=True), "bf16", torch.bfloat16, True),
+}
+
+
+class SmallNet(torch.nn.Module):
+    """Two layers whose weights (49 x 97 = 4,753 elements: quantized, not a multiple of 256) get 8-bit states and
+    whose biases (under 4,096 elements) float32 states."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(97, 49)
+        self.fc2 = torch.nn.Linear(49, 97)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def small_setup(case, device, backend):
+    import fusedopt
+    from fusedopt import schedules
+
+    cls, kw, precision, dtype, sr = SMALL_CASES[case]
+    torch.manual_seed(0)
+    model = SmallNet().to(device=device, dtype=dtype)
+    torch.manual_seed(1)  # the stochastic-rounding seed is drawn from torch's generator: the same for both twins
+    opt = getattr(fusedopt, cls)(model.parameters(), **kw, schedule=schedules.warmup_cosine(40, 4),
+                                 state_precision=precision, stochastic_rounding=sr, backend=backend)
+    return model, opt
+
+
+def small_batch(t, dtype):
+    gen = torch.Generator().manual_seed(100 + t)
+    x = torch.randn(64, 97, generator=gen).to(DEVICE, dtype)
+    return x, torch.randn(64, 97, generator=gen).to(DEVICE, dtype)
+
+
+def no_staging(monkeypatch):
+    """Fails the test if an optimizer falls back to the staged small-state path (the kernels must do it all)."""
+    from fusedopt.optim._small_state import SmallState
+
+    def staged(*args, **kwargs):
+        raise AssertionError("small states went through the staged path")
+
+    monkeypatch.setattr(SmallState, "_call_staged", staged)
+
+
+def assert_same_tensors(a, b, what):
+    """Bit for bit (NaN payloads, signed zeros included)."""
+    a, b = a.detach().cpu().contiguous().reshape(-1), b.detach().cpu().contiguous().reshape(-1)
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), what
+
+
+def assert_same_optimizer_state(opt_a, opt_b, what):
+    for (ka, sa), (kb, sb) in zip(opt_a.state_dict()["state"].items(), opt_b.state_dict()["state"].items()):
+        assert ka == kb and set(sa) == set(sb), what
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert_same_tensors(sa[key], sb[key], f"{what}: state {ka} {key}")
+
+
+@pytest.mark.parametrize("case", list(SMALL_CASES))
+def test_small_state_training_matches_cpu_kernel(case, monkeypatch):
+    """A training loop on the GPU (forward, backward, step) with 8-bit / bf16 states, and its twin on the CPU
+    stepping on copies of the same grads: bitwise equal params and states after every step. Every step after the
+    first runs under torch.cuda.set_sync_debug_mode("error"): nothing in it synchronizes with the host."""
+    no_staging(monkeypatch)
+    dtype = SMALL_CASES[case][3]
+    model, opt = small_setup(case, DEVICE, "cuda")
+    cpu_model, cpu_opt = small_setup(case, "cpu", "cpu")
+    for t in range(12):
+        x, y = small_batch(t, dtype)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        for p, q in zip(model.parameters(), cpu_model.parameters()):
+            q.grad = p.grad.cpu()
+        if t == 0:
+            opt.step()  # creates the states
+        else:
+            torch.cuda.set_sync_debug_mode("error")  # the step never waits for the GPU
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        cpu_opt.step()
+        for (name, p), q in zip(model.named_parameters(), cpu_model.parameters()):
+            assert_same_tensors(p.detach(), q.detach(), f"step {t}: {name}")
+    assert_same_optimizer_state(opt, cpu_opt, case)
+    state = opt.state[model.fc1.weight]
+    if SMALL_CASES[case][2] == "8bit":
+        assert state["exp_avg" if "sgd" not in case else "momentum_buffer"].dtype == torch.uint8
+        assert opt.state[model.fc1.bias]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["adamw-8bit", "lion-8bit", "adamw-8bit-bf16-params-sr"])
+def test_small_state_cuda_graph_capture(case, monkeypatch):
+    """torch's whole-network capture recipe (one warm-up iteration on a side stream, zero_grad(set_to_none=True)
+    before capture, forward + backward + step captured), replayed 15 times with new data, against the same
+    iterations run eagerly: bitwise equal params, codes and absmaxes (the stochastic-rounding counter is read and
+    advanced on the device, so the replays round with new bits every step, like the eager run)."""
+    no_staging(monkeypatch)
+    dtype = SMALL_CASES[case][3]
+    eager_model, eager_opt = small_setup(case, DEVICE, "cuda")
+    model, opt = small_setup(case, DEVICE, "cuda")
+    static_x, static_y = small_batch(0, dtype)
+
+    def iteration(m, o, x, y):
+        o.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(m(x).float(), y.float()).backward()
+        o.step()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        iteration(model, opt, static_x, static_y)  # the warm-up (creates the states)
+    torch.cuda.current_stream().wait_stream(s)
+    iteration(eager_model, eager_opt, static_x, static_y)
+
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(g):
+        loss = torch.nn.functional.mse_loss(model(static_x).float(), static_y.float())
+        loss.backward()
+        opt.step()
+    for t in range(1, 16):
+        x, y = small_batch(t, dtype)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        g.replay()
+        iteration(eager_model, eager_opt, x, y)
+    torch.cuda.synchronize()
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        assert_same_tensors(p.detach(), q.detach(), f"{case}: {name}")
+    assert_same_optimizer_state(opt, eager_opt, case)
+    if SMALL_CASES[case][4]:
+        assert [int(gr["rounding_step"]) for gr in opt.param_groups] == [16] * len(opt.param_groups)

@@ -45,9 +45,11 @@ SIM = dict(chunk_size=16, max_tensors=3, max_blocks=5, block_dim=4, steps_per_la
 SIM_ARGS = ("chunk_size", "max_tensors", "max_blocks", "block_dim", "steps_per_launch", "reverse")
 
 
-def sim_args(**overrides):
+def sim_args(state_absmaxes=None, rounding=(), rounding_step=None, **overrides):
+    """The simulated ops' trailing arguments: the small-state arguments of the real ops (none by default), then
+    the simulation parameters."""
     kw = {**SIM, **overrides}
-    return tuple(kw[k] for k in SIM_ARGS)
+    return (state_absmaxes, list(rounding), rounding_step, *(kw[k] for k in SIM_ARGS))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -355,11 +357,14 @@ def check_plan(launches, numels, chunk, max_t, max_b):
 
 def test_constants(sim):
     (chunk, block, ilp, max_blocks, adamw_t, sgd_t, lion_t, steps_per_launch, adamw_bytes, sgd_bytes, lion_bytes,
-     step_bytes) = sim.capacities()
+     step_bytes, *small) = sim.capacities()
     assert (chunk, block, ilp, max_blocks) == (65536, 512, 4, 320)
     # Every launch's whole description is one kernel parameter, within the portable 4 KB limit.
     assert max(adamw_bytes, sgd_bytes, lion_bytes, step_bytes) <= 4096
     assert min(adamw_t, sgd_t, lion_t) >= 32 and steps_per_launch >= 256
+    # Small-state launches carry an absmax list per state and two stream words per tensor: fewer tensors per launch.
+    small_tensors, small_bytes = small[:3], small[3:]
+    assert max(small_bytes) <= 4096 and min(small_tensors) >= 16
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -421,7 +426,7 @@ def test_matches_cpu_backend(sim, cpu_ops, name, dtype):
         stats = run(sim, ours, hp, grads, extra=sim_args())
         run(cpu_ops, ref, hp, grads)
         assert_groups_equal(ours, ref)
-        launches, step_launches, vector_blocks, scalar_blocks, skipped = stats
+        launches, step_launches, vector_blocks, scalar_blocks, skipped = stats[:5]
         per_step = len(decode_plan(sim.plan([s.numel for s in specs], SIM["chunk_size"], SIM["max_tensors"],
                                             SIM["max_blocks"])))
         assert per_step >= 8 and launches == per_step * STEPS
@@ -784,3 +789,209 @@ def test_real_grad_scaler_and_clip_grad_norm(sim, name):
     assert any(clipped) and not all(clipped), clipped
     assert scaler.get_scale() == 2.0 ** 13
     assert_close_fp32(g.params, [p.detach() for p in ps])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Small states (8-bit / bfloat16 states, stochastic rounding): the small-state block body against the CPU kernel
+# ------------------------------------------------------------------------------------------------------------
+# The host run executes csrc/cuda/block_bodies.h small_rule_block phase by phase, every thread of a phase before
+# the barrier that ends it (the per-quantization-block absmax is reduced through the shared slots between two
+# barriers), with a shared memory that starts as garbage. The CPU kernel (csrc/cpu/state_io.h over the same codec)
+# is the reference: both must give the same bits for params, master params, states and absmaxes, every step.
+# Sizes: 4,096 (just quantized), 5,000 and a 2-D 70 x 73 (not multiples of 256: partial last blocks), 4,100 with
+# misaligned param / grad (the element-wise access path), and 1,000 / 3 / 0 (float32 states under 8-bit: another
+# format in the same call, launched as its own group).
+SMALL_SPECS = [Spec((4096,)), Spec((5000,)), Spec((70, 73)), Spec((4100,), offsets={"params": 1, "grads": 1}),
+               Spec((1000,)), Spec((3,)), Spec((0,))]
+# Chunks of 1,536 elements, blocks of 128 threads: rounds of 512 elements (2 quantization blocks), 3 per chunk.
+SMALL_SIM = dict(chunk_size=1536, block_dim=128, max_tensors=3, max_blocks=5)
+SEED = 0x5EED_1234_5678
+
+
+class SmallGroup:
+    """The tensors of one small-state op call: params of `dtype` (float32 / bfloat16), with a float32 master copy
+    or not, states in `precision` ("8bit": codes + absmax for tensors of >= 4,096 elements, float32 below; "bf16"),
+    and the op's small-state arguments (state_absmaxes in the op's order, rounding, rounding_step)."""
+
+    def __init__(self, rule, specs, dtype, precision, *, master=False, stochastic=False, amsgrad=False,
+                 momentum=True, seed=0):
+        from fusedopt import quantization as Q
+
+        self.rule, self.dtype = rule, dtype
+        gen = torch.Generator().manual_seed(seed)
+        self.params = [s.new("params", dtype).copy_(torch.randn(s.size, generator=gen)) for s in specs]
+        self.grads = [s.new("grads", dtype) for s in specs]
+        self.master_params = ([s.new("master", torch.float32).copy_(p) for s, p in zip(specs, self.params)]
+                              if master else [])
+        lists = {"adamw": 3, "sgd": 1, "lion": 1}[rule]
+        present = {"adamw": 3 if amsgrad else 2, "sgd": 1 if momentum else 0, "lion": 1}[rule]
+        signed = {"adamw": [True, False, False], "sgd": [True], "lion": [True]}[rule]
+        self.states, self.absmaxes = [], []
+        for k in range(lists):
+            row, absmax_row = [], []
+            for s in specs:
+                quantized = precision == "8bit" and Q.is_quantized_size(s.numel)
+                absmax = torch.empty(0)
+                if k < present:
+                    if quantized:
+                        t = s.new(f"state{k}", torch.uint8).fill_(127 if signed[k] else 0)
+                        absmax = torch.zeros(Q.num_blocks(s.numel))
+                    else:
+                        t = s.new(f"state{k}", torch.bfloat16 if precision == "bf16" else torch.float32)
+                    row.append(t)
+                absmax_row.append(absmax)
+            if k < present:
+                self.states.append(row)
+            self.absmaxes.extend(absmax_row)
+        self.steps = [torch.zeros((), dtype=torch.int64) for _ in specs] if rule == "adamw" else []
+        # stochastic rounding: param i is param 2 * i + 1 of its optimizer, and tensor 1 a shard at element 7,000
+        self.rounding = [SEED] + [v for i in range(len(specs)) for v in (2 * i + 1, 7000 if i == 1 else 0)] \
+            if stochastic else []
+        self.rounding_step = torch.tensor(3, dtype=torch.int64) if stochastic else None
+
+    def clone(self):
+        other = object.__new__(SmallGroup)
+        other.__dict__.update(self.__dict__)
+
+        def cp(t):
+            c = t.new_zeros(t.numel() + t.storage_offset()).as_strided(t.size(), t.stride(), t.storage_offset())
+            return c.copy_(t)
+
+        other.params = [cp(t) for t in self.params]
+        other.grads = [cp(t) for t in self.grads]
+        other.master_params = [cp(t) for t in self.master_params]
+        other.states = [[cp(t) for t in st] for st in self.states]
+        other.absmaxes = [t.clone() for t in self.absmaxes]
+        other.steps = [t.clone() for t in self.steps]
+        other.rounding_step = None if self.rounding_step is None else self.rounding_step.clone()
+        return other
+
+    set_grads = Group.set_grads
+
+    def small_args(self):
+        return (self.absmaxes, self.rounding, self.rounding_step)
+
+
+def small_step(op_ns, g: SmallGroup, hp, step, grads, *, skipped=False, sim_kw=None):
+    """One op call at `step` (lr / momentum tables; found_inf = 1 when `skipped`, as after a GradScaler overflow).
+    The rounding counter then advances unless the step was skipped, as the optimizers advance it (on the device,
+    after the op: fusedopt/optim/_small_state.py _advance_rounding_counters). With sim_kw: the simulated op, whose
+    statistics are returned."""
+    g.set_grads(grads)
+    ctl = controls(step, found_inf=1.0 if skipped else 0.0)
+    extra = sim_args(*g.small_args(), **sim_kw) if sim_kw is not None else g.small_args()
+    out = call(op_ns, g, hp, ctl, first_step=(step == 0), extra=extra)
+    if g.rounding_step is not None and not skipped:
+        g.rounding_step += 1
+    return out
+
+
+def assert_small_equal(a: SmallGroup, b: SmallGroup):
+    assert_same(a.params, b.params, "params")
+    assert_same(a.master_params, b.master_params, "master_params")
+    for k, (sa, sb) in enumerate(zip(a.states, b.states)):
+        assert_same(sa, sb, f"state{k}")
+    assert_same(a.absmaxes, b.absmaxes, "absmaxes")
+    assert [int(s) for s in a.steps] == [int(s) for s in b.steps]
+
+
+SMALL_VARIANTS = ["adamw", "adamw-amsgrad-maximize", "adam-l2-amsgrad-maximize", "sgd-momentum-dampening-wd",
+                  "sgd-nesterov-maximize", "lion"]
+# (param dtype, master copy, stochastic rounding)
+PARAM_MODES = {"fp32": (torch.float32, False, False), "bf16-sr": (torch.bfloat16, False, True),
+               "bf16-master-sr": (torch.bfloat16, True, True)}
+
+
+@pytest.mark.parametrize("mode", list(PARAM_MODES))
+@pytest.mark.parametrize("precision", ["8bit", "bf16"])
+@pytest.mark.parametrize("name", SMALL_VARIANTS)
+def test_small_state_matches_cpu_backend(sim, cpu_ops, name, precision, mode):
+    """Five steps with lr / momentum tables, the third one GradScaler-skipped: params, master params, states,
+    absmaxes and step counters bitwise equal to the CPU kernel after every step."""
+    rule, hp, gkw = variant(name)
+    dtype, master, stochastic = PARAM_MODES[mode]
+    ref = SmallGroup(rule, SMALL_SPECS, dtype, precision, master=master, stochastic=stochastic,
+                     amsgrad=gkw.get("amsgrad", False))
+    ours = ref.clone()
+    grads = grad_sequence(SMALL_SPECS, 5, dtype)
+    stats = None
+    for t, gs in enumerate(grads):  # compared after every step, so a difference is caught where it starts
+        out = small_step(sim, ours, hp, t, gs, skipped=t == 2, sim_kw=SMALL_SIM)
+        small_step(cpu_ops, ref, hp, t, gs, skipped=t == 2)
+        stats = list(out) if stats is None else [a + b for a, b in zip(stats, out)]
+        assert_small_equal(ours, ref)
+    # the small-state body ran (and nothing else did); the skipped step skipped every block
+    assert stats[5] > 0 and stats[2] == stats[3] == 0 and stats[4] > 0
+    if precision == "8bit":
+        # every 8-bit block passed its barriers: 1 after zeroing the shared absmax slots, 2 per round (after the
+        # updates, after the encoding); the float32-state blocks of the same call none (4 steps were not skipped)
+        chunk, rnd = SMALL_SIM["chunk_size"], SMALL_SIM["block_dim"] * 4
+        per_step = sum(1 + 2 * -(-min(chunk, s.numel - c) // rnd)
+                       for s in SMALL_SPECS if s.numel >= 4096 for c in range(0, s.numel, chunk))
+        assert stats[6] == 4 * per_step
+        assert all(bool((a != 0).all()) for a in ours.absmaxes)  # every block was encoded (the empty ones: none)
+        assert ours.states[0][0].dtype == torch.uint8 and ours.states[0][4].dtype == torch.float32
+    if stochastic and dtype == torch.bfloat16 and not master:
+        # stochastic rounding did something: rounding the same run to nearest gives other params
+        nearest = SmallGroup(rule, SMALL_SPECS, dtype, precision, amsgrad=gkw.get("amsgrad", False))
+        for t, gs in enumerate(grads):
+            small_step(cpu_ops, nearest, hp, t, gs, skipped=t == 2)
+        assert not all(torch.equal(a, b) for a, b in zip(nearest.params, ours.params))
+
+
+@pytest.mark.parametrize("name", ["adamw-amsgrad-maximize", "sgd-nesterov-maximize", "lion"])
+def test_small_state_launch_shapes_do_not_matter(sim, cpu_ops, name):
+    """8-bit states with stochastically rounded bf16 params under other launch shapes: blocks and threads in
+    reverse order, 4 rounds per chunk (the double-buffered absmax slots are reused), rounds longer than the chunk
+    (idle threads), one tensor per launch, and the device's own sizes (64 Ki-element chunks, 512 threads: 8
+    quantization blocks per round, 32 rounds per chunk) with a tensor of 2 chunks + a partial block. Bitwise equal
+    to the CPU kernel every time."""
+    rule, hp, gkw = variant(name)
+    specs = SMALL_SPECS + [Spec((65536 + 4096 + 77,))]
+    base = SmallGroup(rule, specs, torch.bfloat16, "8bit", stochastic=True, amsgrad=gkw.get("amsgrad", False))
+    grads = grad_sequence(specs, 2, torch.bfloat16)
+    ref = base.clone()
+    for t, gs in enumerate(grads):
+        small_step(cpu_ops, ref, hp, t, gs)
+    settings = [dict(SMALL_SIM, reverse=True), dict(chunk_size=1024, block_dim=64),
+                dict(chunk_size=256, block_dim=128, max_tensors=1, max_blocks=2),
+                dict(chunk_size=0, max_tensors=0, max_blocks=0, block_dim=0)]  # the device's sizes
+    for kw in settings:
+        g = base.clone()
+        for t, gs in enumerate(grads):
+            small_step(sim, g, hp, t, gs, sim_kw=kw)
+        assert_small_equal(g, ref)
+
+
+def test_small_state_argument_checks(sim):
+    """Rejected before anything is modified: float16 params with 8-bit states (they take the staged path, as on
+    the CPU), a state_absmaxes list of the wrong length, an absmax with too few blocks, rounding without its
+    counter, and (simulation only) chunks that are not whole quantization blocks."""
+    rule, hp, _ = variant("adamw")
+    specs = [Spec((4096,)), Spec((10,))]
+    g = SmallGroup(rule, specs, torch.float32, "8bit")
+    small_step(sim, g, hp, 0, grad_sequence(specs, 1, torch.float32)[0], sim_kw=SMALL_SIM)
+    cases = []
+    half = g.clone()
+    half.params = [p.half() for p in half.params]
+    half.grads = [p.half() for p in half.grads]
+    half.states[1][1] = half.states[1][1].half()
+    half.states[0][1] = half.states[0][1].half()
+    cases.append((half, SMALL_SIM, "Half params take states of their own dtype"))
+    short = g.clone()
+    short.absmaxes = short.absmaxes[:-1]
+    cases.append((short, SMALL_SIM, "state_absmaxes has 5 entries, expected 6"))
+    few = g.clone()
+    few.absmaxes[0] = few.absmaxes[0][:-1].clone()
+    cases.append((few, SMALL_SIM, "needs a contiguous float32 absmax of at least 16 entries"))
+    counterless = g.clone()
+    counterless.rounding = [SEED, 0, 0, 1, 0]
+    cases.append((counterless, SMALL_SIM, "stochastic rounding needs rounding_step"))
+    cases.append((g.clone(), dict(SMALL_SIM, chunk_size=100), "chunks of a multiple of 256 elements"))
+    for bad, kw, message in cases:
+        bad.set_grads([x.to(bad.params[0].dtype) for x in grad_sequence(specs, 1, torch.float32, seed=7)[0]])
+        before = bad.clone()
+        with pytest.raises(RuntimeError, match=message):
+            call(sim, bad, hp, controls(1), extra=sim_args(*bad.small_args(), **kw))
+        assert_small_equal(bad, before)
+        assert [int(s) for s in bad.steps] == [1, 1]

@@ -138,6 +138,25 @@ def test_bench_is_bounded_by_a_time_limit():
     assert cli.parse_args(argv[3:]).time_limit == 60.0
 
 
+def test_small_state_bench_is_bounded_and_counted(tmp_path):
+    """The small-state benchmark (issue 13's scenarios on the GPU) is a bounded run into its own folder, and the
+    summary counts the groups in which fusedopt[cuda] was timed."""
+    argv = gpu_check.bench_small_command("python3", "/out", 40)
+    from fusedopt.bench import cli
+
+    args = cli.parse_args(argv[3:])
+    assert args.time_limit == 40.0 and args.device == "cuda" and args.out == "/out/small-state"
+    assert set(args.dtype.split(",")) == {"8bit", "bf16-sr", "bf16-states", "bf16"}
+    results = tmp_path / "results.json"
+    rows = [dict(model="gpt2-small", rule=r, dtype=d, scenario="step", contender=c, status=st)
+            for r, d, c, st in [("adamw", "8bit", "fusedopt[cuda]", "ok"), ("adamw", "8bit", "bnb AdamW8bit", "ok"),
+                                ("lion", "8bit", "fusedopt[cuda]", "ok"),
+                                ("sgd", "bf16-sr", "fusedopt[cuda]", "error")]]
+    results.write_text(json.dumps({"results": rows}))
+    assert gpu_check.bench_groups(str(results)) == 2
+    assert gpu_check.bench_groups(str(tmp_path / "missing.json")) == 0
+
+
 def test_sanitizer_workload_runs_on_the_cpu():
     """The workload compute-sanitizer runs on a GPU, on the CPU op (its logic, not the GPU kernels)."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_sanitize.py"), "--device", "cpu",
@@ -229,6 +248,16 @@ def test_main_runs_the_stages_and_writes_the_results(monkeypatch, tmp_path, caps
     monkeypatch.setattr(gpu_check, "sanitizer_commands", lambda sanitizer, python: [
         ("memcheck", replay("memcheck.log")), ("racecheck", replay("racecheck.log"))])
     monkeypatch.setattr(gpu_check, "bench_command", bench)
+
+    def bench_small(python, out, seconds):  # one small-state group timed on the GPU
+        entry = dict(model="gpt2-small", rule="adamw", dtype="8bit", scenario="step", contender="fusedopt[cuda]",
+                     status="ok")
+        target = os.path.join(out, gpu_check.BENCH_SMALL_DIR)
+        return [sys.executable, "-c", f"import json, os; os.makedirs({target!r}, exist_ok=True); "
+                                      f"json.dump({{'results': [{entry!r}]}}, open(os.path.join({target!r}, "
+                                      f"'results.json'), 'w'))"]
+
+    monkeypatch.setattr(gpu_check, "bench_small_command", bench_small)
     monkeypatch.setattr(gpu_check, "lion_site", lambda python, env, out: "")
     status = gpu_check.main(["--out", str(tmp_path / "results"), "--total-seconds", "300",
                              "--copy-to", str(tmp_path / "sent-back")])
@@ -242,6 +271,7 @@ def test_main_runs_the_stages_and_writes_the_results(monkeypatch, tmp_path, caps
     assert stages["pytest"]["detail"].startswith("5 passed, 3 failed, 2 skipped")
     assert stages["sanitizer"]["status"] == "FAILED" and "racecheck 1 errors" in stages["sanitizer"]["detail"]
     assert stages["check"]["status"] == "ok" and stages["bench"]["status"] == "ok"
+    assert "small-state: 1 groups" in stages["bench"]["detail"]
     for name in ("build.log", "pytest-training.log", "memcheck.log", "racecheck.log", "check.txt", "info.json",
                  "results.json", "summary.md"):
         assert (tmp_path / name).exists(), name

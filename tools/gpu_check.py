@@ -17,7 +17,9 @@ download:
   sanitizer  compute-sanitizer --tool memcheck and --tool racecheck on tools/gpu_sanitize.py (every rule and
              backend, tail sizes, misalignment, more than one launch), without PyTorch's caching allocator.
              Runs while pytest runs; so does `python -m fusedopt.check`.
-  bench      python -m fusedopt.bench --device cuda, float32, bounded by --bench-seconds: the headline.
+  bench      python -m fusedopt.bench --device cuda, float32, bounded by --bench-seconds: the headline; then the
+             small-state scenarios (issue 13: 8bit, bf16-sr, bf16-states, bf16 on gpt2-small) bounded by
+             --bench-small-seconds, into small-state/ of the results folder.
 Everything goes to benchmarks/results/<date>-<gpu>/ (logs, pytest XML, sanitizer logs, info.json, check.txt,
 the benchmark's results.json / .md / .png, summary.md, summary.json); the end of the output is a one-screen
 summary. Without a GPU it prints one line and exits 2; it exits 1 when a stage failed or timed out.
@@ -55,6 +57,11 @@ BUILD_SECONDS = 210
 PYTEST_SECONDS = 240
 SANITIZER_SECONDS = 180
 BENCH_SECONDS = 60
+BENCH_SMALL_SECONDS = 40
+# The small-state benchmark: fusedopt's kernels on 8-bit / bf16 states and stochastic rounding next to the peers
+# that run there (bitsandbytes, torchao when installed) and fusedopt's own float32-state step.
+BENCH_SMALL_DTYPES = "8bit,bf16-sr,bf16-states,bf16"
+BENCH_SMALL_DIR = "small-state"
 SUMMARY_RESERVE = 10
 
 
@@ -70,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list of {', '.join(STAGES)} (default: all)")
     p.add_argument("--total-seconds", type=float, default=TOTAL_SECONDS, help="the time bound of the whole run")
     p.add_argument("--bench-seconds", type=float, default=BENCH_SECONDS, help="the benchmark's --time-limit")
+    p.add_argument("--bench-small-seconds", type=float, default=BENCH_SMALL_SECONDS,
+                   help="the small-state benchmark's --time-limit (0: not run)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs (MAX_JOBS)")
     p.add_argument("--prepare", action="store_true", help="download the wheels the GPU machine lacks into .whl/")
     p.add_argument("--copy-to", default=None,
@@ -151,6 +160,25 @@ def bench_command(python: str, out: str, seconds: float) -> List[str]:
     return [python, "-m", "fusedopt.bench", "--device", "cuda", "--dtype", "float32",
             "--models", "gpt2-small,resnet50,small-tensors", "--budget", "1.5", "--reps", "3",
             "--min-rep-seconds", "0.05", "--time-limit", f"{seconds:g}", "--no-progress", "--out", out]
+
+
+def bench_small_command(python: str, out: str, seconds: float) -> List[str]:
+    """The small-state scenarios on gpt2-small (every rule), into <out>/small-state/."""
+    return [python, "-m", "fusedopt.bench", "--device", "cuda", "--dtype", BENCH_SMALL_DTYPES,
+            "--models", "gpt2-small", "--budget", "1.5", "--reps", "3", "--min-rep-seconds", "0.05",
+            "--time-limit", f"{seconds:g}", "--no-progress", "--out", os.path.join(out, BENCH_SMALL_DIR)]
+
+
+def bench_groups(results_json: str, contender: str = "fusedopt[cuda]") -> int:
+    """How many (model, rule, dtype, scenario) groups of a benchmark run timed `contender` (0: none, or no
+    results file)."""
+    try:
+        with open(results_json) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    return len({(r["model"], r["rule"], r["dtype"], r["scenario"]) for r in data.get("results", [])
+                if r.get("contender") == contender and r.get("status") == "ok"})
 
 
 def find_sanitizer() -> Optional[str]:
@@ -409,7 +437,7 @@ def main(argv=None) -> int:
     else:
         env_info["lion"] = "installed from .whl/" if site else "installed"
     running = []
-    bench_reserve = (args.bench_seconds + 60) if "bench" in args.stages else 0
+    bench_reserve = (args.bench_seconds + args.bench_small_seconds + 90) if "bench" in args.stages else 0
     window = time.monotonic() + max(30.0, min(PYTEST_SECONDS, remaining(bench_reserve + SUMMARY_RESERVE)))
     if "pytest" in args.stages:
         for shard, argv_p in pytest_commands(args.python, out):
@@ -466,15 +494,28 @@ def main(argv=None) -> int:
     bench_rows = []
     if "bench" in args.stages:
         s = stages["bench"]
-        seconds = max(10.0, min(args.bench_seconds, remaining(SUMMARY_RESERVE + 45)))
+        small = args.bench_small_seconds > 0
+        small_reserve = (args.bench_small_seconds + 30) if small else 0
+        seconds = max(10.0, min(args.bench_seconds, remaining(SUMMARY_RESERVE + 45 + small_reserve)))
         started = time.monotonic()
         proc, log = start(bench_command(args.python, out, seconds), dict(base_env, FUSEDOPT_TRITON_AUTOTUNE="1"),
                           os.path.join(out, "bench.log"))
-        rc, timed_out = finish(proc, log, time.monotonic() + max(15.0, remaining(SUMMARY_RESERVE)))
-        s.seconds = time.monotonic() - started
+        rc, timed_out = finish(proc, log, time.monotonic() + max(15.0, remaining(SUMMARY_RESERVE + small_reserve)))
         bench_rows = bench_headline(os.path.join(out, "results.json"))
         s.status = "TIMED OUT" if timed_out else ("ok" if rc == 0 and bench_rows else "FAILED")
         s.detail = f"{len(bench_rows)} headline rows (results.md, results.png)"
+        if small:  # the small-state scenarios (issue 13), after the headline
+            seconds = max(10.0, min(args.bench_small_seconds, remaining(SUMMARY_RESERVE + 30)))
+            proc, log = start(bench_small_command(args.python, out, seconds),
+                              dict(base_env, FUSEDOPT_TRITON_AUTOTUNE="1"), os.path.join(out, "bench-small-state.log"))
+            rc, small_timed_out = finish(proc, log, time.monotonic() + max(15.0, remaining(SUMMARY_RESERVE)))
+            groups = bench_groups(os.path.join(out, BENCH_SMALL_DIR, "results.json"))
+            small_ok = rc == 0 and groups > 0 and not small_timed_out
+            s.detail += (f"; small-state: {groups} groups ({BENCH_SMALL_DIR}/results.md)" if small_ok else
+                         f"; small-state: {'TIMED OUT' if small_timed_out else 'FAILED'} (bench-small-state.log)")
+            if s.status == "ok" and not small_ok:
+                s.status = "TIMED OUT" if small_timed_out else "FAILED"
+        s.seconds = time.monotonic() - started
 
     shown = [stages[n] for n in ("build", "pytest", "sanitizer", "check", "bench")
              if n in args.stages or n == "check"]

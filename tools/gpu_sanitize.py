@@ -19,7 +19,8 @@ What each backend is given, per rule (AdamW with amsgrad, SGD with Nesterov mome
     a second launch carries on; with AdamW on the CUDA backend 520 step counters, more than one step-kernel
     launch (508 per launch);
   * the controls on: schedule tables read past their end, grad_scale, found_inf (0, then 1), clip_coef;
-  * then one FusedAdamW.step() with max_grad_norm (the norm and the clip coefficient on the device).
+  * then one FusedAdamW.step() with max_grad_norm (the norm and the clip coefficient on the device), and two
+    8-bit-state FusedAdamW / FusedLion steps on bf16 params with stochastic rounding.
 Memory is allocated without PyTorch's caching allocator under compute-sanitizer (PYTORCH_NO_CUDA_MEMORY_CACHING=1,
 which `make gpu-check` sets): every tensor is its own allocation, so an access past its end is an error.
 Prints one line per backend and exits 0 when every call ran.
@@ -144,9 +145,20 @@ def main(argv=None) -> int:
             model(torch.randn(7, 33, device=device)).square().sum().backward()
             opt.step()
             calls += 1
+        # small states (issue 13): 8-bit states (the CUDA kernels' shared-memory absmax reduction between
+        # barriers, for racecheck) and stochastically rounded bf16 params, on a weight of 4,753 elements
+        # (quantized, a partial last block) next to float32-state biases
+        small = torch.nn.Linear(97, 49).to(device=device, dtype=torch.bfloat16)
+        for cls in (fusedopt.FusedAdamW, fusedopt.FusedLion):
+            small_opt = cls(small.parameters(), backend=name, state_precision="8bit", stochastic_rounding=True)
+            for _ in range(2):
+                small_opt.zero_grad(set_to_none=True)
+                small(torch.randn(5, 97, device=device, dtype=torch.bfloat16)).float().square().sum().backward()
+                small_opt.step()
+                calls += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        finite = all(bool(torch.isfinite(p).all()) for p in [*model.parameters(), *small.parameters()])
         print(f"gpu_sanitize: backend {name} on {device}: {calls} calls in {time.perf_counter() - start:.1f} s"
               f"{'' if finite else ' (NON-FINITE PARAMS)'}", flush=True)
         failed |= not finite

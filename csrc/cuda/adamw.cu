@@ -5,6 +5,7 @@ namespace fusedopt {
 namespace cuda {
 
 FUSEDOPT_INSTANTIATE_RULE_KERNELS(AdamWRule)
+FUSEDOPT_INSTANTIATE_SMALL_KERNELS(AdamWRule)
 
 namespace {
 __global__ void step_kernel(const __grid_constant__ StepArgs args) {

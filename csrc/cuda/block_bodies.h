@@ -29,6 +29,7 @@
 #include <cstring>
 
 #include "cuda/launch_plan.h"
+#include "cuda/state_slots.h"
 #include "fusedopt/rules.h"
 
 namespace fusedopt {
@@ -115,14 +116,17 @@ FUSEDOPT_HD bool read_grad_transform(const Controls& c, bool maximize, GradTrans
 
 struct AdamWRule {
   using Args = AdamWArgs;
+  using SmallArgs = AdamWSmallArgs;
   static constexpr int kStates = 3;  // exp_avg, exp_avg_sq, max_exp_avg_sq (null unless amsgrad)
+  // 8-bit maps: signed for the first moment, unsigned for the second moments
+  static FUSEDOPT_HD constexpr bool signed_state(int k) { return k == 0; }
   template <typename T>
   struct Prep {
     GradTransform<T> transform;
     AdamWScalars<T> s;
   };
-  template <typename T>
-  static FUSEDOPT_HD bool prepare(const Args& a, int64_t block, Prep<T>* out) {
+  template <typename T, typename A>
+  static FUSEDOPT_HD bool prepare(const A& a, int64_t block, Prep<T>* out) {
     if (!read_grad_transform(a.ctl, a.hyper.maximize, &out->transform)) return false;
     const int slot = a.table.block_slot[block];
     // Already incremented by the step kernel (see the top of this file).
@@ -146,14 +150,16 @@ struct AdamWRule {
 
 struct SGDRule {
   using Args = SGDArgs;
+  using SmallArgs = SGDSmallArgs;
   static constexpr int kStates = 1;  // momentum_buffer (null without momentum)
+  static FUSEDOPT_HD constexpr bool signed_state(int) { return true; }
   template <typename T>
   struct Prep {
     GradTransform<T> transform;
     SGDScalars<T> s;
   };
-  template <typename T>
-  static FUSEDOPT_HD bool prepare(const Args& a, int64_t, Prep<T>* out) {
+  template <typename T, typename A>
+  static FUSEDOPT_HD bool prepare(const A& a, int64_t, Prep<T>* out) {
     if (!read_grad_transform(a.ctl, a.hyper.maximize, &out->transform)) return false;
     const double lr = read_table(a.ctl.lr, a.ctl.schedule_step);
     const double momentum = read_table(a.ctl.momentum, a.ctl.schedule_step);
@@ -175,14 +181,16 @@ struct SGDRule {
 
 struct LionRule {
   using Args = LionArgs;
+  using SmallArgs = LionSmallArgs;
   static constexpr int kStates = 1;  // exp_avg
+  static FUSEDOPT_HD constexpr bool signed_state(int) { return true; }
   template <typename T>
   struct Prep {
     GradTransform<T> transform;
     LionScalars<T> s;
   };
-  template <typename T>
-  static FUSEDOPT_HD bool prepare(const Args& a, int64_t, Prep<T>* out) {
+  template <typename T, typename A>
+  static FUSEDOPT_HD bool prepare(const A& a, int64_t, Prep<T>* out) {
     if (!read_grad_transform(a.ctl, /*maximize=*/false, &out->transform)) return false;
     const double lr = read_table(a.ctl.lr, a.ctl.schedule_step);
     const double beta1 = read_table(a.ctl.momentum, a.ctl.schedule_step);
@@ -371,6 +379,212 @@ FUSEDOPT_HD void rule_block(const typename Rule::Args& a, const typename Rule::t
         const int64_t j = base + tid + static_cast<int64_t>(e) * block_dim;
         if (j < n) store_element(v, j, p[e], st[e]);
       }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The small-state block body (8-bit / bfloat16 / float32 states with float32 or bfloat16 params, stochastic
+// rounding): one pass over memory, the storage formats of csrc/cuda/state_slots.h around the same rules.
+// ---------------------------------------------------------------------------------------------------------
+//
+// The block walks its chunk (a multiple of 256 elements, starting on a quantization block of its tensor) in
+// rounds of block_dim * 4 elements; thread tid holds the 4 consecutive elements 4 * tid .. 4 * tid + 3 of a round,
+// so each 8-bit quantization block of 256 elements belongs to the 64 threads tid / 64 == q of one round.
+// A round is one or two phases, separated by block barriers:
+//   phase 1  load (8-bit: decode with the block's stored absmax), update, store the param (and non-8-bit states);
+//            8-bit: keep the updated values in registers and max their |x| bits into the shared absmax of
+//            their quantization block
+//   barrier
+//   phase 2  (8-bit only) read the block's new absmax, encode the 4 values, store codes and the absmax
+//   barrier
+// The shared absmax slots are double-buffered by round parity: phase 2 of round r zeroes the slots round r + 1
+// will use, which nobody reads after the barrier that ended round r - 1.
+//
+// `Exec` runs the phases: Exec::threads(fn) calls fn(tid, regs of tid) for every thread of the block, and
+// Exec::sync() is the barrier. On the device (csrc/cuda/multi_tensor.cuh) threads() is one call in each thread
+// and sync() is __syncthreads(); the host harness (tests/cuda_host/hostsim.cpp) calls fn for every tid in turn,
+// each with its own registers, so its run is this very code path with the barriers where they are. Code outside
+// threads() is uniform across the block (it only reads kernel arguments).
+
+// Loops over the 4 elements of a thread and over the states, fully unrolled on the device so that the per-element
+// arrays stay in registers (a loop bounded by the element count would index them dynamically: local memory).
+#if defined(__CUDA_ARCH__)
+#define FUSEDOPT_UNROLL _Pragma("unroll")
+#else
+#define FUSEDOPT_UNROLL
+#endif
+
+// The registers of one thread that live across a barrier: its updated 8-bit state values.
+template <int K>
+struct SmallRegs {
+  float st[kILP][K];
+};
+
+template <typename Rule, typename P, typename Fmt, typename Exec>
+FUSEDOPT_HD void small_rule_block(Exec& ex, const typename Rule::SmallArgs& a,
+                                  const typename Rule::template Prep<float>& prep, SmallShared& sh, int64_t block) {
+  static_assert(kSmallStateParam<P>, "small-state kernels take float32 or bfloat16 params");
+  using PS = typename ParamStorage<P>::type;
+  using SS = typename Fmt::Storage;
+  using Args = typename Rule::SmallArgs;
+  constexpr int K = Rule::kStates;
+  static_assert(K <= kMaxSmallStates, "too many states");
+
+  // The block's chunk (uniform across the block).
+  const auto& tab = a.table;
+  const int slot = tab.block_slot[block];
+  const int64_t chunk_size = a.ctl.chunk_size;
+  const int64_t begin = static_cast<int64_t>(tab.block_chunk[block]) * chunk_size;
+  const int64_t remaining = tab.numel[slot] - begin;
+  const int64_t n = remaining < chunk_size ? remaining : chunk_size;
+  PS* const param = static_cast<PS*>(tab.ptr[kParamList][slot]) + begin;
+  const PS* const grad = static_cast<const PS*>(tab.ptr[kGradList][slot]) + begin;
+  float* const master = tab.ptr[kMasterList][slot] != nullptr ? static_cast<float*>(tab.ptr[kMasterList][slot]) + begin
+                                                              : nullptr;
+  SS* state[K];
+  float* absmax[K];  // 8-bit: the absmax of the chunk's first quantization block
+  bool load[K];
+  FUSEDOPT_UNROLL for (int k = 0; k < K; ++k) {
+    void* st = tab.ptr[kFirstStateList + k][slot];
+    void* am = tab.ptr[Args::kFirstAbsmaxList + k][slot];
+    state[k] = st != nullptr ? static_cast<SS*>(st) + begin : nullptr;
+    absmax[k] = am != nullptr ? static_cast<float*>(am) + begin / kSmallQuantBlock : nullptr;
+    load[k] = state[k] != nullptr && Rule::loads_state(k, prep);
+  }
+  // One access per 4 elements when every pointer of the tensor is aligned to it at the chunk start.
+  bool vector = quad_aligned<PS>(param) && quad_aligned<PS>(grad) && quad_aligned<float>(master);
+  FUSEDOPT_UNROLL for (int k = 0; k < K; ++k) vector = vector && quad_aligned<SS>(state[k]);
+
+  // Stochastic rounding: the key of each stream (0 = the param, 1 + k = state k), as the CPU slots build them.
+  const bool stochastic = a.rounding.step != nullptr;
+  codec::RoundingKey keys[K + 1] = {};
+  if (stochastic) {
+    const int64_t rstep = *a.rounding.step;
+    FUSEDOPT_UNROLL for (int s = 0; s <= K; ++s) {
+      keys[s] = codec::rounding_key(a.rounding.seed, rstep, 4 * a.stream_index[slot] + s);
+    }
+  }
+  const uint64_t first_element = static_cast<uint64_t>(a.stream_offset[slot] + begin);
+  const bool param_stochastic = stochastic && kBf16Param<P> && master == nullptr;
+
+  const int block_dim = ex.block_dim();
+  const int64_t round = static_cast<int64_t>(block_dim) * kILP;
+
+  if constexpr (Fmt::kQuantized) {
+    ex.threads([&](int tid, SmallRegs<K>&) {
+      for (int i = tid; i < 2 * K * kQuantBlocksPerRound; i += block_dim) {
+        sh.absmax_bits[i / (K * kQuantBlocksPerRound)][(i / kQuantBlocksPerRound) % K][i % kQuantBlocksPerRound] = 0;
+      }
+    });
+    ex.sync();
+  }
+
+  int parity = 0;
+  for (int64_t base = 0; base < n; base += round, parity ^= 1) {
+    // Phase 1: load, update, store the param (and the states unless 8-bit).
+    ex.threads([&](int tid, SmallRegs<K>& r) {
+      const int64_t j = base + static_cast<int64_t>(tid) * kILP;  // within the chunk
+      const int64_t left = n - j;
+      if (left <= 0) return;
+      const int count = left < kILP ? static_cast<int>(left) : kILP;
+      const int q = tid / kThreadsPerQuantBlock;  // the quantization block within the round
+      float p[kILP];
+      float g[kILP];
+      float st[kILP][K];
+      {
+        Quad<PS> w;
+        load_quad(w, grad + j, count, vector);
+        FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) g[e] = ParamStorage<P>::widen(w.v[e]);
+      }
+      if (master != nullptr) {
+        Quad<float> w;
+        load_quad(w, master + j, count, vector);
+        FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) p[e] = w.v[e];
+      } else {
+        Quad<PS> w;
+        load_quad(w, param + j, count, vector);
+        FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) p[e] = ParamStorage<P>::widen(w.v[e]);
+      }
+      FUSEDOPT_UNROLL for (int k = 0; k < K; ++k) {
+        if (!load[k]) {
+          for (int e = 0; e < kILP; ++e) st[e][k] = 0.0f;
+          continue;
+        }
+        Quad<SS> w;
+        load_quad(w, state[k] + j, count, vector);
+        if constexpr (Fmt::kQuantized) {
+          const float scale = absmax[k][(base + static_cast<int64_t>(q) * kSmallQuantBlock) / kSmallQuantBlock];
+          FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) {
+            st[e][k] = Rule::signed_state(k) ? Fmt::template decode<MapOf<true>>(w.v[e], scale)
+                                             : Fmt::template decode<MapOf<false>>(w.v[e], scale);
+          }
+        } else {
+          FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) st[e][k] = Fmt::widen(w.v[e]);
+        }
+      }
+      FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) update_element<Rule>(p[e], g[e], st[e], prep);
+      const uint64_t element = first_element + static_cast<uint64_t>(j);  // in the full tensor
+      if (master != nullptr) {
+        Quad<float> w;
+        FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) w.v[e] = p[e];
+        store_quad(master + j, w, count, vector);
+      }
+      {
+        Quad<PS> w;
+        FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) {
+          const uint32_t bits = param_stochastic ? codec::random_bits(keys[0], element + e) : 0u;
+          w.v[e] = round_param<P>(p[e], param_stochastic, bits);
+        }
+        store_quad(param + j, w, count, vector);
+      }
+      FUSEDOPT_UNROLL for (int k = 0; k < K; ++k) {
+        if (state[k] == nullptr) continue;
+        if constexpr (Fmt::kQuantized) {
+          uint32_t top = 0;
+          FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) {
+            r.st[e][k] = st[e][k];
+            top = codec::max_bits(top, codec::abs_bits(st[e][k]));
+          }
+          shared_max(&sh.absmax_bits[parity][k][q], top);
+        } else {
+          Quad<SS> w;
+          FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) {
+            const uint32_t bits = stochastic ? codec::random_bits(keys[1 + k], element + e) : 0u;
+            w.v[e] = Fmt::round(st[e][k], stochastic, bits);
+          }
+          store_quad(state[k] + j, w, count, vector);
+        }
+      }
+    });
+    if constexpr (Fmt::kQuantized) {
+      ex.sync();
+      // Phase 2: the quantization blocks' new absmax, then every code.
+      ex.threads([&](int tid, SmallRegs<K>& r) {
+        const int q = tid / kThreadsPerQuantBlock;
+        const bool leader = tid % kThreadsPerQuantBlock == 0;
+        if (leader) {
+          FUSEDOPT_UNROLL for (int k = 0; k < K; ++k) sh.absmax_bits[parity ^ 1][k][q] = 0;  // for the next round
+        }
+        const int64_t j = base + static_cast<int64_t>(tid) * kILP;
+        const int64_t left = n - j;
+        if (left <= 0) return;
+        const int count = left < kILP ? static_cast<int>(left) : kILP;
+        FUSEDOPT_UNROLL for (int k = 0; k < K; ++k) {
+          if (state[k] == nullptr) continue;
+          const float block_absmax = codec::bits_float(sh.absmax_bits[parity][k][q]);
+          const float inv = codec::inverse_absmax(block_absmax);
+          Quad<SS> w;
+          FUSEDOPT_UNROLL for (int e = 0; e < kILP; ++e) if (e < count) {
+            w.v[e] = Rule::signed_state(k) ? Fmt::template encode<MapOf<true>>(r.st[e][k], inv)
+                                           : Fmt::template encode<MapOf<false>>(r.st[e][k], inv);
+          }
+          store_quad(state[k] + j, w, count, vector);
+          // the leader's first element is the block's first: the block has elements here
+          if (leader) absmax[k][(base + static_cast<int64_t>(q) * kSmallQuantBlock) / kSmallQuantBlock] = block_absmax;
+        }
+      });
+      ex.sync();
     }
   }
 }

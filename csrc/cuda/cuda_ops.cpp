@@ -4,7 +4,10 @@
 // Each call enqueues, on the current stream of the params' device, at most a few launches (AdamW: the
 // step-counter kernel, then the update kernel, one launch per ~20 Mi elements or per table of tensors) and
 // never reads device memory on the host: found_inf, grad_scale, clip_coef, the schedule tables and the step
-// counters are all read by the kernels, so a call can be captured in a CUDA graph and replayed.
+// counters are all read by the kernels, so a call can be captured in a CUDA graph and replayed. Small states
+// (state_absmaxes / rounding: 8-bit and bfloat16 states, stochastic rounding) are loaded and stored by the
+// kernels themselves in the same pass (csrc/cuda/block_bodies.h small_rule_block); the rounding_step counter is
+// read on the device too (the optimizers advance it on the device after the step, as on the CPU).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -29,21 +32,20 @@ struct CudaLauncher {
     launch_rule_kernel<Rule, P, S>(args, num_blocks, stream);
   }
   void launch_steps(const StepArgs& args) { launch_step_kernel(args, stream); }
+  template <typename Rule>
+  PlanLimits small_limits() const {
+    return PlanLimits{kChunkSize, Rule::SmallArgs::Table::max_tensors, kMaxBlocks};
+  }
+  template <typename Rule, typename P, typename Fmt>
+  void launch_small(const typename Rule::SmallArgs& args, int num_blocks) {
+    launch_small_rule_kernel<Rule, P, Fmt>(args, num_blocks, stream);
+  }
 };
 
 // The dispatcher sends a call here when any tensor argument is on CUDA; the params must be.
 void check_cuda_params(const char* op, TensorList params) {
   TORCH_CHECK(params.empty() || params[0].is_cuda(), op, ": the CUDA kernels need CUDA params, but params[0] is on ",
               params[0].device());
-}
-
-// The CUDA kernels do not read small states yet: the optimizers run them through the staged path
-// (fusedopt/optim/_small_state.py), which calls these ops with float states and no small-state arguments.
-void check_no_small_state(const char* op, const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding,
-                          const OptionalTensor& rounding_step) {
-  TORCH_CHECK(!state_absmaxes.has_value() && rounding.empty() && !rounding_step.has_value(), op,
-              ": the CUDA kernels take no state_absmaxes / rounding (8-bit and stochastically rounded states run "
-              "through the optimizers' staged path on CUDA)");
 }
 
 void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -55,13 +57,12 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 const OptionalTensor& weight_decay_table, bool decoupled_weight_decay, const OptionalTensorList& state_absmaxes,
                 c10::IntArrayRef rounding, const OptionalTensor& rounding_step) {
   check_cuda_params("fusedopt::adamw_", params);
-  check_no_small_state("fusedopt::adamw_", state_absmaxes, rounding, rounding_step);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
   adamw_impl(launcher, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1,
              beta2, eps, weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale,
-             found_inf, clip_coef, weight_decay_table, decoupled_weight_decay);
+             found_inf, clip_coef, weight_decay_table, decoupled_weight_decay, state_absmaxes, rounding, rounding_step);
 }
 
 void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList master_params,
@@ -72,13 +73,12 @@ void sgd_cuda(TensorList params, TensorList grads, TensorList momentum_buffers, 
               const OptionalTensor& weight_decay_table, const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding,
               const OptionalTensor& rounding_step) {
   check_cuda_params("fusedopt::sgd_", params);
-  check_no_small_state("fusedopt::sgd_", state_absmaxes, rounding, rounding_step);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
   sgd_impl(launcher, params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay,
            nesterov, maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
-           clip_coef, weight_decay_table);
+           clip_coef, weight_decay_table, state_absmaxes, rounding, rounding_step);
 }
 
 void lion_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList master_params, double lr,
@@ -88,12 +88,12 @@ void lion_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                const OptionalTensor& clip_coef, const OptionalTensor& weight_decay_table,
                const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding, const OptionalTensor& rounding_step) {
   check_cuda_params("fusedopt::lion_", params);
-  check_no_small_state("fusedopt::lion_", state_absmaxes, rounding, rounding_step);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
   lion_impl(launcher, params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table,
-            beta1_table, schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table);
+            beta1_table, schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table, state_absmaxes, rounding,
+            rounding_step);
 }
 
 }  // namespace

@@ -129,6 +129,60 @@ static_assert(AdamWArgs::Table::max_tensors >= 16 && SGDArgs::Table::max_tensors
                   LionArgs::Table::max_tensors >= 16,
               "address tables too small");
 
+// ---------------------------------------------------------------------------------------------------------
+// Small-state launches (8-bit / bfloat16 states, stochastic rounding: csrc/fusedopt/state_codec.h)
+// ---------------------------------------------------------------------------------------------------------
+// The elements of one 8-bit quantization block (one float32 absmax each): codec::kQuantBlock, repeated here so
+// that this header stays free of the codec. Chunks of a small-state launch are multiples of it, so every chunk
+// starts on a quantization block of its tensor.
+constexpr int64_t kSmallQuantBlock = 256;
+
+// Stochastic rounding of one call: the seed, and the group's rounding_step counter, read on the device.
+struct RoundingControls {
+  const int64_t* step;  // null: round to nearest
+  uint64_t seed;
+};
+
+// A small-state launch: the lists of the plain launch, then one absmax list per rule state (the float32
+// absmaxes of 8-bit codes, null for other states), and per tensor the (param index, element offset of the
+// local shard) that key its stochastic rounding streams.
+template <typename Hyper, int kLists, int kStates, int kMaxTensors>
+struct SmallLaunchArgs {
+  using HyperType = Hyper;
+  using Table = TensorTable<kLists + kStates, kMaxTensors>;
+  static constexpr int kFirstAbsmaxList = kLists;
+  Controls ctl;
+  Hyper hyper;
+  RoundingControls rounding;
+  Table table;
+  int64_t stream_index[kMaxTensors];
+  int64_t stream_offset[kMaxTensors];
+};
+
+template <typename Hyper, int kLists>
+constexpr int max_small_tensors_for() {
+  constexpr std::size_t fixed = sizeof(Controls) + sizeof(Hyper) + sizeof(RoundingControls) +
+                                kMaxBlocks * (sizeof(int32_t) + sizeof(uint8_t));
+  constexpr std::size_t slack = 32;  // alignment padding
+  constexpr std::size_t per_tensor = sizeof(void*) * kLists + 3 * sizeof(int64_t);
+  constexpr std::size_t n = (kKernelParamBytes - fixed - slack) / per_tensor;
+  return n > 255 ? 255 : static_cast<int>(n);
+}
+
+using AdamWSmallArgs =
+    SmallLaunchArgs<AdamWHyper, kAdamWLists, 3, max_small_tensors_for<AdamWHyper, kAdamWLists + 3>()>;
+using SGDSmallArgs = SmallLaunchArgs<SGDHyper, kSGDLists, 1, max_small_tensors_for<SGDHyper, kSGDLists + 1>()>;
+using LionSmallArgs = SmallLaunchArgs<LionHyper, kLionLists, 1, max_small_tensors_for<LionHyper, kLionLists + 1>()>;
+
+static_assert(sizeof(AdamWSmallArgs) <= kKernelParamBytes, "AdamW small-state kernel arguments exceed 4 KB");
+static_assert(sizeof(SGDSmallArgs) <= kKernelParamBytes, "SGD small-state kernel arguments exceed 4 KB");
+static_assert(sizeof(LionSmallArgs) <= kKernelParamBytes, "Lion small-state kernel arguments exceed 4 KB");
+static_assert(AdamWSmallArgs::Table::max_tensors >= 16 && SGDSmallArgs::Table::max_tensors >= 16 &&
+                  LionSmallArgs::Table::max_tensors >= 16,
+              "small-state address tables too small");
+static_assert(kChunkSize % kSmallQuantBlock == 0 && (kBlockSize * kILP) % kSmallQuantBlock == 0,
+              "chunks and rounds of a block must hold whole quantization blocks");
+
 // The AdamW step counters are incremented by their own tiny kernel before the update kernel runs (see
 // csrc/cuda/block_bodies.h); its arguments are a plain pointer table.
 constexpr int kMaxStepsPerLaunch = static_cast<int>((kKernelParamBytes - 32) / sizeof(int64_t*));
@@ -208,10 +262,11 @@ int64_t plan_launches(const std::vector<int64_t>& numels, const PlanLimits& limi
 }
 
 // Fills `args.table` launch by launch and calls launch(const Args&, int num_blocks). `ptrs[t][l]` is the
-// pointer of list l for tensor t (null for an absent list). Returns the number of launches.
-template <typename Args, typename Launch>
+// pointer of list l for tensor t (null for an absent list); fill_slot(Args&, slot, t) sets any other per-slot
+// field of the launch. Returns the number of launches.
+template <typename Args, typename Launch, typename FillSlot>
 int64_t apply_plan(Args args, const std::vector<int64_t>& numels, const std::vector<void*>& ptrs,
-                   const PlanLimits& limits, Launch&& launch) {
+                   const PlanLimits& limits, Launch&& launch, FillSlot&& fill_slot) {
   constexpr int kLists = Args::Table::lists;
   check_limits(limits, Args::Table::max_tensors);
   if (ptrs.size() != numels.size() * kLists) throw std::invalid_argument("apply_plan: pointer table size");
@@ -221,6 +276,7 @@ int64_t apply_plan(Args args, const std::vector<int64_t>& numels, const std::vec
       const int64_t t = plan.tensors[s];
       for (int l = 0; l < kLists; ++l) args.table.ptr[l][s] = ptrs[static_cast<std::size_t>(t) * kLists + l];
       args.table.numel[s] = numels[static_cast<std::size_t>(t)];
+      fill_slot(args, s, t);
     }
     for (std::size_t b = 0; b < plan.block_slot.size(); ++b) {
       args.table.block_slot[b] = static_cast<uint8_t>(plan.block_slot[b]);
@@ -228,6 +284,12 @@ int64_t apply_plan(Args args, const std::vector<int64_t>& numels, const std::vec
     }
     launch(static_cast<const Args&>(args), static_cast<int>(plan.block_slot.size()));
   });
+}
+
+template <typename Args, typename Launch>
+int64_t apply_plan(Args args, const std::vector<int64_t>& numels, const std::vector<void*>& ptrs,
+                   const PlanLimits& limits, Launch&& launch) {
+  return apply_plan(args, numels, ptrs, limits, launch, [](Args&, std::size_t, int64_t) {});
 }
 
 // Splits the step counters into launches of the step kernel; calls launch(const StepArgs&).

@@ -5,6 +5,7 @@ namespace fusedopt {
 namespace cuda {
 
 FUSEDOPT_INSTANTIATE_RULE_KERNELS(LionRule)
+FUSEDOPT_INSTANTIATE_SMALL_KERNELS(LionRule)
 
 }  // namespace cuda
 }  // namespace fusedopt

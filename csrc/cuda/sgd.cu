@@ -5,6 +5,7 @@ namespace fusedopt {
 namespace cuda {
 
 FUSEDOPT_INSTANTIATE_RULE_KERNELS(SGDRule)
+FUSEDOPT_INSTANTIATE_SMALL_KERNELS(SGDRule)
 
 }  // namespace cuda
 }  // namespace fusedopt

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cuda/ops_host.h"
@@ -31,10 +32,31 @@ struct SimParams {
   bool reverse;              // run blocks and threads in reverse order (blocks must be independent)
 };
 
+// small_rule_block's executor on the host: a phase runs for thread 0, 1, ... (or in reverse) in turn, each with its
+// own registers; a barrier is the end of a phase (every thread has finished it), counted.
+template <int K>
+struct HostThreads {
+  int bdim;
+  bool reverse;
+  std::vector<SmallRegs<K>> regs;
+  int64_t barriers = 0;
+  int block_dim() const { return bdim; }
+  template <typename Fn>
+  void threads(Fn&& fn) {
+    for (int i = 0; i < bdim; ++i) {
+      const int t = reverse ? bdim - 1 - i : i;
+      fn(t, regs[static_cast<size_t>(t)]);
+    }
+  }
+  void sync() { ++barriers; }
+};
+
 struct HostLauncher {
   SimParams sim;
   // launches, step launches, blocks on the vectorized path, on the scalar path, skipped (found_inf), threads
   int64_t launches = 0, step_launches = 0, vector_blocks = 0, scalar_blocks = 0, skipped_blocks = 0;
+  // small-state blocks run, block barriers passed in them
+  int64_t small_blocks = 0, barriers = 0;
 
   int block_dim() const { return sim.block_dim > 0 ? static_cast<int>(sim.block_dim) : kBlockSize; }
 
@@ -74,6 +96,40 @@ struct HostLauncher {
     }
   }
 
+  template <typename Rule>
+  PlanLimits small_limits() const {
+    return PlanLimits{sim.chunk_size > 0 ? sim.chunk_size : kChunkSize,
+                      sim.max_tensors > 0 ? static_cast<int>(sim.max_tensors) : Rule::SmallArgs::Table::max_tensors,
+                      sim.max_blocks > 0 ? static_cast<int>(sim.max_blocks) : kMaxBlocks};
+  }
+
+  // The small-state kernel (csrc/cuda/multi_tensor.cuh small_rule_kernel): thread 0 prepares, barrier, then
+  // small_rule_block with an executor that runs each phase for every thread of the block in turn (each thread
+  // with its own registers), so every barrier of the device code is where the device has it.
+  template <typename Rule, typename P, typename Fmt>
+  void launch_small(const typename Rule::SmallArgs& args, int num_blocks) {
+    TORCH_CHECK(num_blocks >= 1 && num_blocks <= kMaxBlocks, "hostsim: launch of ", num_blocks, " blocks");
+    const int bdim = block_dim();
+    TORCH_CHECK(bdim % kThreadsPerQuantBlock == 0 && bdim <= kBlockSize, "hostsim: small-state blocks have a multiple "
+                "of ", kThreadsPerQuantBlock, " threads, at most ", kBlockSize, "; got ", bdim);
+    ++launches;
+    for (int k = 0; k < num_blocks; ++k) {
+      const int b = sim.reverse ? num_blocks - 1 - k : k;
+      typename Rule::template Prep<float> prep;
+      if (!Rule::template prepare<float>(args, b, &prep)) {
+        ++skipped_blocks;
+        continue;
+      }
+      ++small_blocks;
+      SmallShared sh;
+      std::memset(&sh, 0xA5, sizeof(sh));  // shared memory starts with garbage: the body must zero what it uses
+      HostThreads<Rule::kStates> ex{bdim, sim.reverse,
+                                    std::vector<SmallRegs<Rule::kStates>>(static_cast<size_t>(bdim))};
+      small_rule_block<Rule, P, Fmt>(ex, args, prep, sh, b);
+      barriers += ex.barriers;
+    }
+  }
+
   void launch_steps(const StepArgs& args) {
     ++step_launches;
     const int bdim = block_dim();
@@ -81,7 +137,7 @@ struct HostLauncher {
   }
 
   std::vector<int64_t> stats() const {
-    return {launches, step_launches, vector_blocks, scalar_blocks, skipped_blocks};
+    return {launches, step_launches, vector_blocks, scalar_blocks, skipped_blocks, small_blocks, barriers};
   }
 };
 
@@ -97,12 +153,13 @@ std::vector<int64_t> sim_adamw(TensorList params, TensorList grads, TensorList e
                                const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                                const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
                                const OptionalTensor& weight_decay_table, bool decoupled_weight_decay,
-                               int64_t chunk_size, int64_t max_tensors, int64_t max_blocks, int64_t block_dim,
-                               int64_t steps_per_launch, bool reverse) {
+                               const OptionalTensorList& state_absmaxes, c10::IntArrayRef rounding,
+                               const OptionalTensor& rounding_step, int64_t chunk_size, int64_t max_tensors,
+                               int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch, bool reverse) {
   HostLauncher launcher = make_launcher(chunk_size, max_tensors, max_blocks, block_dim, steps_per_launch, reverse);
   adamw_impl(launcher, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1,
              beta2, eps, weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale,
-             found_inf, clip_coef, weight_decay_table, decoupled_weight_decay);
+             found_inf, clip_coef, weight_decay_table, decoupled_weight_decay, state_absmaxes, rounding, rounding_step);
   return launcher.stats();
 }
 
@@ -112,12 +169,14 @@ std::vector<int64_t> sim_sgd(TensorList params, TensorList grads, TensorList mom
                              const OptionalTensor& lr_table, const OptionalTensor& momentum_table,
                              const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                              const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
-                             const OptionalTensor& weight_decay_table, int64_t chunk_size, int64_t max_tensors,
-                             int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch, bool reverse) {
+                             const OptionalTensor& weight_decay_table, const OptionalTensorList& state_absmaxes,
+                             c10::IntArrayRef rounding, const OptionalTensor& rounding_step, int64_t chunk_size,
+                             int64_t max_tensors, int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch,
+                             bool reverse) {
   HostLauncher launcher = make_launcher(chunk_size, max_tensors, max_blocks, block_dim, steps_per_launch, reverse);
   sgd_impl(launcher, params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay,
            nesterov, maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf,
-           clip_coef, weight_decay_table);
+           clip_coef, weight_decay_table, state_absmaxes, rounding, rounding_step);
   return launcher.stats();
 }
 
@@ -126,11 +185,14 @@ std::vector<int64_t> sim_lion(TensorList params, TensorList grads, TensorList ex
                               const OptionalTensor& lr_table, const OptionalTensor& beta1_table,
                               const OptionalTensor& schedule_step, const OptionalTensor& grad_scale,
                               const OptionalTensor& found_inf, const OptionalTensor& clip_coef,
-                              const OptionalTensor& weight_decay_table, int64_t chunk_size, int64_t max_tensors,
-                              int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch, bool reverse) {
+                              const OptionalTensor& weight_decay_table, const OptionalTensorList& state_absmaxes,
+                              c10::IntArrayRef rounding, const OptionalTensor& rounding_step, int64_t chunk_size,
+                              int64_t max_tensors, int64_t max_blocks, int64_t block_dim, int64_t steps_per_launch,
+                              bool reverse) {
   HostLauncher launcher = make_launcher(chunk_size, max_tensors, max_blocks, block_dim, steps_per_launch, reverse);
   lion_impl(launcher, params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table,
-            beta1_table, schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table);
+            beta1_table, schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table, state_absmaxes, rounding,
+            rounding_step);
   return launcher.stats();
 }
 
@@ -166,10 +228,17 @@ std::vector<int64_t> sim_capacities() {
           static_cast<int64_t>(sizeof(AdamWArgs)),
           static_cast<int64_t>(sizeof(SGDArgs)),
           static_cast<int64_t>(sizeof(LionArgs)),
-          static_cast<int64_t>(sizeof(StepArgs))};
+          static_cast<int64_t>(sizeof(StepArgs)),
+          AdamWSmallArgs::Table::max_tensors,
+          SGDSmallArgs::Table::max_tensors,
+          LionSmallArgs::Table::max_tensors,
+          static_cast<int64_t>(sizeof(AdamWSmallArgs)),
+          static_cast<int64_t>(sizeof(SGDSmallArgs)),
+          static_cast<int64_t>(sizeof(LionSmallArgs))};
 }
 
 #define FUSEDOPT_SIM_ARGS \
+  "Tensor[]? state_absmaxes, int[] rounding, Tensor? rounding_step, " \
   "int chunk_size, int max_tensors, int max_blocks, int block_dim, int steps_per_launch, bool reverse"
 
 }  // namespace
