@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "bf16", "8bit")
 # Backends whose kernels load and store small states themselves (one fused pass: decode, rule, absmax, encode;
 # csrc/cpu/state_io.h over csrc/fusedopt/state_codec.h), for params of these dtypes; the others (the cuda and
 # triton backends, float16 / float64 params) run through _call_staged.
-FUSED_SMALL_STATE_BACKENDS = ("cpu",)
+FUSED_SMALL_STATE_BACKENDS = ("cpu", "triton")
 FUSED_SMALL_STATE_DTYPES = (torch.float32, torch.bfloat16)
 QUANTIZABLE_KEYS = Q.SIGNED_STATE_KEYS + Q.UNSIGNED_STATE_KEYS
 _SUFFIX = "_absmax"
