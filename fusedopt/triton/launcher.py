@@ -786,8 +786,8 @@ def _plan_args(layout: Layout, vector: GradVector) -> tuple:
     return (layout.rows, vector.addrs, layout.n_tensors, layout.step_table, layout.done)
 
 
-def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, rounding: tuple, scalars: tuple,
-          meta: dict) -> None:
+def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple, meta: dict,
+          rounding: Optional[tuple] = None) -> None:
     """Runs the autotuner once for this kernel variant and size class, on scratch buffers shaped like the call
     (one flat tensor per stream, at most TUNE_MAX_ELEMENTS elements) and with found_inf cleared, so that the
     benchmark's repeated updates touch nothing of the caller's."""
@@ -802,7 +802,7 @@ def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, rounding: t
     scratch_vector = _grad_vector("tune", scratch, grads, False)
     ctrl_args = list(ctrl.args)
     ctrl_args[ctrl.found_inf_index] = torch.zeros(1, dtype=torch.float32, device=device)
-    args = _plan_args(scratch, scratch_vector) + tuple(ctrl_args) + rounding + scalars + (layout.size_class,)
+    args = kernel_args(scratch, scratch_vector, Controls(tuple(ctrl_args), ctrl.found_inf_index), scalars, rounding)
     _TUNING_ROWS = scratch.rows
     try:
         tuned[(scratch.n_rows,)](*args, **meta, enable_fp_fusion=False)
@@ -810,11 +810,15 @@ def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, rounding: t
         _TUNING_ROWS = None
 
 
-def kernel_args(layout: Layout, vector: GradVector, ctrl: Controls, rounding: tuple, scalars: tuple) -> tuple:
+def kernel_args(layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple,
+                rounding: Optional[tuple] = None) -> tuple:
     """The positional arguments every kernel takes: the work table, the grad vector, the step table, the
-    controls, the rounding stream (rounding_step_ptr, rounding_seed), the float64 hyperparameters (lr and
-    momentum/beta1 first, then the rule's own, then its runtime flags) and the size class."""
-    return _plan_args(layout, vector) + ctrl.args + rounding + scalars + (layout.size_class,)
+    controls, the rounding stream (rounding_step_ptr, rounding_seed: small_state_parts' rounding args, a
+    neutral pair without stochastic rounding), the float64 hyperparameters (lr and momentum/beta1 first, then
+    the rule's own, then its runtime flags) and the size class."""
+    if rounding is None:
+        rounding = (_dummies(layout.device)["schedule_step"], 0)
+    return _plan_args(layout, vector) + ctrl.args + tuple(rounding) + scalars + (layout.size_class,)
 
 
 def kernel_meta(layout: Layout, vector: GradVector, meta: dict) -> dict:
@@ -834,11 +838,9 @@ def launch(kernel, tuned, layout: Layout, vector: GradVector, ctrl: Controls, sc
            rounding: Optional[tuple] = None) -> None:
     """One launch of `kernel` over the layout's rows (autotuned with `tuned` on a GPU). During CUDA-graph
     capture only a variant already launched eagerly may run (see the module docstring). rounding: the
-    (rounding_step, seed) of SmallState.rounding_args (a neutral pair when None)."""
-    if rounding is None:
-        rounding = (_dummies(layout.device)["schedule_step"], 0)
+    (rounding_step, seed) of small_state_parts (None: round to nearest)."""
     meta = kernel_meta(layout, vector, meta)
-    args = kernel_args(layout, vector, ctrl, rounding, scalars)
+    args = kernel_args(layout, vector, ctrl, scalars, rounding)
     grid = (layout.n_rows,)
     device = layout.device
     capturing = _capturing(device)
@@ -866,7 +868,7 @@ def launch(kernel, tuned, layout: Layout, vector: GradVector, ctrl: Controls, sc
             return
         if AUTOTUNE:
             if tune_key not in _TUNED:
-                _tune(tuned, layout, vector, ctrl, rounding, scalars, meta)
+                _tune(tuned, layout, vector, ctrl, scalars, meta, rounding)
                 _TUNED.add(tune_key)
             tuned[grid](*args, **meta, enable_fp_fusion=False)
         else:
