@@ -19,9 +19,11 @@ them, so compiled kernels, the interpreter and the C++ kernels store the same bi
                   the counter-based random bits of stochastic rounding, in uint32 arithmetic (Triton's uint32
                   multiply wraps like C's; >> on uint32 is a logical shift)
 
-The per-slot tables of a map (8 entries each) are selected with three levels of tl.where on the slot's bits
-(constants in the instruction stream, no memory access); their values come from fusedopt.quantization's
-codec_constants, the generator of state_codec.h's tables (tests/test_cuda_host.py checks those equal).
+The per-slot tables of the two maps (8 float32 entries per field: table_values(), from fusedopt.quantization's
+codec_constants, the generator of state_codec.h's tables, which tests/test_cuda_host.py checks equal) are a
+384-byte float32 tensor per device (launcher.py) read with one gather per field, as the CUDA kernels read theirs
+from global memory: the lanes of a warp read different slots (constant memory would serialize them), and the
+table stays in L1.
 
 Formats of a launch (constexprs; the launcher groups a call's tensors by format, all states of one tensor share
 one): FMT_PLAIN (a float dtype S_DTYPE, stored to nearest even), FMT_BF16_SR (bfloat16 rounded stochastically),
@@ -47,18 +49,17 @@ def _bits(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
-def _tables():
-    """One flat tuple: for the signed map (offset 0) then the unsigned map (offset 48), the fields base, step,
-    first, recip, kmax, midbase (8 float32 values each, slot 0..7)."""
+def table_values():
+    """The kernels' constants table: for the signed map (offset 0) then the unsigned map (offset 48), the fields
+    base, step, first, recip, kmax, midbase (8 float32 values each, slot 0..7)."""
     out = []
     for signed in (True, False):
         c = Q.codec_constants(signed)
         for field in ("base", "step", "first", "recip", "kmax", "midbase"):
             out += [float(v) for v in c[field]]
-    return tuple(out)
+    return out
 
 
-_TAB = tl.constexpr(_tables())
 _BASE, _STEP, _FIRST, _RECIP, _KMAX, _MIDBASE = (tl.constexpr(i) for i in range(6))
 _MAP_STRIDE = tl.constexpr(48)
 _S_CATCH = tl.constexpr(tuple(_bits(v) for v in Q.codec_constants(True)["catchment"]))
@@ -74,27 +75,19 @@ _SMALLEST_NORMAL = tl.constexpr(2.0 ** -126)
 # Per-slot tables
 # ------------------------------------------------------------------------------------------------------------
 @J.device_function
-def _pick8(b0, b1, b2, c0, c1, c2, c3, c4, c5, c6, c7):
-    """c[slot] for slot = b0 + 2 b1 + 4 b2 (a binary tree of selects)."""
-    lo = tl.where(b1, tl.where(b0, c3, c2), tl.where(b0, c1, c0))
-    hi = tl.where(b1, tl.where(b0, c7, c6), tl.where(b0, c5, c4))
-    return tl.where(b2, hi, lo)
-
-
-@J.device_function
-def _slot_field(b0, b1, b2, SIGNED: tl.constexpr, FIELD: tl.constexpr):
-    """MapConstants::<field>[slot] of the signed or unsigned map, as float32."""
+def _slot_field(table, slot, SIGNED: tl.constexpr, FIELD: tl.constexpr):
+    """MapConstants::<field>[slot] of the signed or unsigned map (float32; slot an int32 tensor in 0..7)."""
     o: tl.constexpr = FIELD * 8 + (0 if SIGNED else _MAP_STRIDE)
-    return _pick8(b0, b1, b2, _TAB[o], _TAB[o + 1], _TAB[o + 2], _TAB[o + 3], _TAB[o + 4], _TAB[o + 5],
-                  _TAB[o + 6], _TAB[o + 7])
+    return tl.load(table + o + slot)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # 8-bit
 # ------------------------------------------------------------------------------------------------------------
 @J.device_function
-def decode_8bit(code, SIGNED: tl.constexpr):
-    """state_codec.h decode_8bit: the map value (float32, in [-1, 1]) of int32 codes 0..255."""
+def decode_8bit(code, table, SIGNED: tl.constexpr):
+    """state_codec.h decode_8bit: the map value (float32, in [-1, 1]) of int32 codes 0..255 (table: the
+    constants table, a float32 pointer)."""
     if SIGNED:
         t = code - 127
         f = tl.abs(t).to(tl.float32)
@@ -105,17 +98,14 @@ def decode_8bit(code, SIGNED: tl.constexpr):
         f = code.to(tl.float32)
         e = f + _U_SLOT_OFFSET
         slot = ((e.to(tl.int32, bitcast=True) >> 23) - 127 + _U_SLOT_BIAS) & 7
-    b0 = (slot & 1) != 0
-    b1 = (slot & 2) != 0
-    b2 = (slot & 4) != 0
-    k_half = f - _slot_field(b0, b1, b2, SIGNED, _FIRST) + 0.5  # k + 0.5, exact
-    v = k_half * _slot_field(b0, b1, b2, SIGNED, _STEP) + _slot_field(b0, b1, b2, SIGNED, _BASE)  # exact
+    k_half = f - _slot_field(table, slot, SIGNED, _FIRST) + 0.5  # k + 0.5, exact
+    v = k_half * _slot_field(table, slot, SIGNED, _STEP) + _slot_field(table, slot, SIGNED, _BASE)  # exact
     v = tl.where(code == 255, 1.0, v)
     return tl.where(t < 0, -v, v)
 
 
 @J.device_function
-def encode_8bit(q, SIGNED: tl.constexpr):
+def encode_8bit(q, table, SIGNED: tl.constexpr):
     """state_codec.h encode_8bit: int32 codes of normalized float32 values q (x * inverse_absmax): the nearest
     map value, ties to the smaller magnitude; NaN, inf and |q| > 1 to the largest magnitude of q's sign (the
     unsigned map: q < 0 to 0)."""
@@ -136,17 +126,14 @@ def encode_8bit(q, SIGNED: tl.constexpr):
                 + (abs_bits > _U_CATCH[6]).to(tl.int32))
         one = abs_bits > _U_CATCH[7]
         top = 255.0
-    b0 = (slot & 1) != 0
-    b1 = (slot & 2) != 0
-    b2 = (slot & 4) != 0
     # candidate k0 within 0.5 of the exact position, clamped to [0, count - 2]
-    k0 = tl.floor((a - _slot_field(b0, b1, b2, SIGNED, _BASE)) * _slot_field(b0, b1, b2, SIGNED, _RECIP) - 0.5)
-    kmax = _slot_field(b0, b1, b2, SIGNED, _KMAX)
+    k0 = tl.floor((a - _slot_field(table, slot, SIGNED, _BASE)) * _slot_field(table, slot, SIGNED, _RECIP) - 0.5)
+    kmax = _slot_field(table, slot, SIGNED, _KMAX)
     k0 = tl.where(k0 > kmax, kmax, k0)
     k0 = tl.where(k0 < 0.0, 0.0, k0)  # (a NaN here only happens with `one` set, which overrides it)
-    mid = (k0 + 1.0) * _slot_field(b0, b1, b2, SIGNED, _STEP) + _slot_field(b0, b1, b2, SIGNED, _MIDBASE)
+    mid = (k0 + 1.0) * _slot_field(table, slot, SIGNED, _STEP) + _slot_field(table, slot, SIGNED, _MIDBASE)
     up = tl.where(a > mid, 1.0, 0.0)
-    m = tl.where(one, top, _slot_field(b0, b1, b2, SIGNED, _FIRST) + k0 + up).to(tl.int32)
+    m = tl.where(one, top, _slot_field(table, slot, SIGNED, _FIRST) + k0 + up).to(tl.int32)
     negative = bits < 0
     if SIGNED:
         code = tl.where(negative, 127 - tl.minimum(m, 127), 127 + m)  # no -1 in the map
@@ -232,11 +219,11 @@ def random_bits(seed, step, stream, element):
 # State slots: how the kernels load a state before the rule and store it after (csrc/cpu/state_io.h)
 # ------------------------------------------------------------------------------------------------------------
 @J.device_function
-def load_state(addr, absmax_addr, offs, mask, FORMAT: tl.constexpr, S_DTYPE: tl.constexpr,
+def load_state(addr, absmax_addr, table, offs, mask, FORMAT: tl.constexpr, S_DTYPE: tl.constexpr,
                T_DTYPE: tl.constexpr, SIGNED: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
     """A state's elements in the math type. 8-bit: map value * the block's absmax (offs are relative to the
-    row, which starts at a block boundary, so offs // 256 is the block within the row's absmax). mask None: a
-    full block."""
+    row, which starts at a block boundary, so offs // 256 is the block within the row's absmax; table: the
+    codec's constants). mask None: a full block."""
     if FORMAT == FMT_8BIT:
         ptrs = J.typed_ptr(addr, tl.uint8, ALIGNED) + offs
         scales = absmax_addr.to(tl.pointer_type(tl.float32)) + offs // QBLOCK
@@ -246,7 +233,7 @@ def load_state(addr, absmax_addr, offs, mask, FORMAT: tl.constexpr, S_DTYPE: tl.
         else:
             codes = tl.load(ptrs, mask=mask, other=0)
             scale = tl.load(scales, mask=mask, other=0.0)
-        x = (decode_8bit(codes.to(tl.int32), SIGNED) * scale).to(T_DTYPE)
+        x = (decode_8bit(codes.to(tl.int32), table, SIGNED) * scale).to(T_DTYPE)
     elif FORMAT == FMT_BF16_SR:
         x = J.load_elems(addr, offs, mask, tl.bfloat16, T_DTYPE, ALIGNED, SOFT_BF16)
     else:
@@ -264,7 +251,7 @@ def store_bf16_bits(addr, offs, bits, mask, ALIGNED: tl.constexpr):
 
 
 @J.device_function
-def store_state(addr, absmax_addr, start, offs, x, mask, seed, rstep, stream, element0,
+def store_state(addr, absmax_addr, table, start, offs, x, mask, seed, rstep, stream, element0,
                 FORMAT: tl.constexpr, S_DTYPE: tl.constexpr, SIGNED: tl.constexpr, SLOT: tl.constexpr,
                 ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """Stores a state's new values. 8-bit (state_io.h Q8Slot::end_block): each block's new absmax, then the
@@ -276,7 +263,7 @@ def store_state(addr, absmax_addr, start, offs, x, mask, seed, rstep, stream, el
         absmax = block_absmax(xf, mask, BLOCK)
         inv = inverse_absmax(absmax)
         q = tl.reshape(tl.reshape(xf, (BLOCK // QBLOCK, QBLOCK)) * inv[:, None], (BLOCK,))
-        codes = encode_8bit(q, SIGNED).to(tl.uint8)
+        codes = encode_8bit(q, table, SIGNED).to(tl.uint8)
         ptrs = J.typed_ptr(addr, tl.uint8, ALIGNED) + offs
         blocks = start // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
         absmax_ptrs = absmax_addr.to(tl.pointer_type(tl.float32)) + blocks

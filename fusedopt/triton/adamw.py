@@ -23,7 +23,7 @@ from fusedopt.triton import launcher as L
 
 @J.device_function
 def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, m_absmax, v_absmax, vmax_absmax,
-                    start, offs, mask, seed, rstep, stream, element0,
+                    codec_ptr, start, offs, mask, seed, rstep, stream, element0,
                     inv_scale, clip_coef, decay, l2_weight_decay, beta2, one_minus_beta1, one_minus_beta2,
                     neg_step_size, bias_correction2_sqrt, eps,
                     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
@@ -34,8 +34,10 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, m_ab
     g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
                          inv_scale, clip_coef, MAXIMIZE)
     # state slots 1, 2, 3 (the rounding streams): exp_avg (signed map), exp_avg_sq, max_exp_avg_sq (unsigned)
-    m = C.load_state(m_addr, m_absmax, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, True, ALIGNED, SOFT_BF16)
-    v = C.load_state(v_addr, v_absmax, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, False, ALIGNED, SOFT_BF16)
+    m = C.load_state(m_addr, m_absmax, codec_ptr, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, True, ALIGNED,
+                     SOFT_BF16)
+    v = C.load_state(v_addr, v_absmax, codec_ptr, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, False, ALIGNED,
+                     SOFT_BF16)
 
     # rules.h adamw_update(), same operations in the same order
     if not DECOUPLED:  # Adam's L2 decay (l2_weight_decay is 0 and decay 1 in AdamW mode, as in rules.h)
@@ -46,18 +48,18 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, m_ab
     v = J.fma(one_minus_beta2 * g, g, v)
     second_moment = v
     if AMSGRAD:
-        max_v = C.load_state(vmax_addr, vmax_absmax, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, False, ALIGNED,
-                             SOFT_BF16)
+        max_v = C.load_state(vmax_addr, vmax_absmax, codec_ptr, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, False,
+                             ALIGNED, SOFT_BF16)
         max_v = tl.where(max_v > v, max_v, v)  # torch.maximum; a NaN in v propagates
         second_moment = max_v
-        C.store_state(vmax_addr, vmax_absmax, start, offs, max_v, mask, seed, rstep, stream, element0,
+        C.store_state(vmax_addr, vmax_absmax, codec_ptr, start, offs, max_v, mask, seed, rstep, stream, element0,
                       STATE_FORMAT, S_DTYPE, False, 3, ALIGNED, SOFT_BF16, BLOCK)
     denom = J.div(J.sqrt(second_moment), bias_correction2_sqrt) + eps
     p = p + J.div(neg_step_size * m, denom)
 
-    C.store_state(m_addr, m_absmax, start, offs, m, mask, seed, rstep, stream, element0,
+    C.store_state(m_addr, m_absmax, codec_ptr, start, offs, m, mask, seed, rstep, stream, element0,
                   STATE_FORMAT, S_DTYPE, True, 1, ALIGNED, SOFT_BF16, BLOCK)
-    C.store_state(v_addr, v_absmax, start, offs, v, mask, seed, rstep, stream, element0,
+    C.store_state(v_addr, v_absmax, codec_ptr, start, offs, v, mask, seed, rstep, stream, element0,
                   STATE_FORMAT, S_DTYPE, False, 2, ALIGNED, SOFT_BF16, BLOCK)
     C.store_param(p_addr, master_addr, offs, p, mask, seed, rstep, stream, element0, P_DTYPE, HAS_MASTER, PARAM_SR,
                   ALIGNED, SOFT_BF16)
@@ -68,7 +70,7 @@ def adamw_kernel(
     rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, beta1_table_ptr, beta1_table_len: tl.int64, schedule_step_ptr,
     grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
-    rounding_step_ptr, rounding_seed: tl.int64,
+    rounding_step_ptr, rounding_seed: tl.int64, codec_ptr,
     lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
@@ -123,7 +125,7 @@ def adamw_kernel(
     for start in range(0, n_full, BLOCK):  # full blocks: no mask, 128-bit accesses when ALIGNED
         offs = start + tl.arange(0, BLOCK)
         _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, m_absmax, v_absmax, vmax_absmax,
-                        start, offs, None, rounding_seed, rstep, stream, element0,
+                        codec_ptr, start, offs, None, rounding_seed, rstep, stream, element0,
                         inv_scale, clip_coef, decay, l2_weight_decay, beta2_t, one_minus_beta1, one_minus_beta2,
                         neg_step_size, bias_correction2_sqrt, eps_t,
                         P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16,
@@ -131,7 +133,7 @@ def adamw_kernel(
     for start in range(n_full, n, BLOCK):  # the tail: at most one masked block
         offs = start + tl.arange(0, BLOCK)
         _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, m_absmax, v_absmax, vmax_absmax,
-                        start, offs, offs < n, rounding_seed, rstep, stream, element0,
+                        codec_ptr, start, offs, offs < n, rounding_seed, rstep, stream, element0,
                         inv_scale, clip_coef, decay, l2_weight_decay, beta2_t, one_minus_beta1, one_minus_beta2,
                         neg_step_size, bias_correction2_sqrt, eps_t,
                         P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16,

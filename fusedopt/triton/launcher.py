@@ -267,8 +267,8 @@ _DUMMIES: Dict[torch.device, Dict[str, torch.Tensor]] = {}
 
 
 def _dummies(device: torch.device) -> Dict[str, torch.Tensor]:
-    """Read-only two-element tensors with the neutral value of each control, never written by any kernel. All
-    are made at the first call on a device, which is eager (a first call during capture fails earlier, on its
+    """Read-only two-element tensors with the neutral value of each control, and the codec's constants table,
+    never written by any kernel. All are made at the first call on a device, which is eager (a first call during capture fails earlier, on its
     work table): one made during a capture would hold its value only once the graph has been replayed."""
     if device not in _DUMMIES:
         _DUMMIES[device] = dict(
@@ -277,6 +277,8 @@ def _dummies(device: torch.device) -> Dict[str, torch.Tensor]:
             grad_scale=torch.ones(2, dtype=torch.float32, device=device),
             found_inf=torch.zeros(2, dtype=torch.float32, device=device),
             clip_coef=torch.ones(2, dtype=torch.float32, device=device),
+            # the small-state codec's per-slot constants (_codec.table_values), read by every 8-bit launch
+            codec=torch.tensor(_codec.table_values(), dtype=torch.float32, device=device),
         )
     return _DUMMIES[device]
 
@@ -814,11 +816,14 @@ def kernel_args(layout: Layout, vector: GradVector, ctrl: Controls, scalars: tup
                 rounding: Optional[tuple] = None) -> tuple:
     """The positional arguments every kernel takes: the work table, the grad vector, the step table, the
     controls, the rounding stream (rounding_step_ptr, rounding_seed: small_state_parts' rounding args, a
-    neutral pair without stochastic rounding), the float64 hyperparameters (lr and momentum/beta1 first, then
-    the rule's own, then its runtime flags) and the size class."""
+    neutral pair without stochastic rounding), the codec's constants table (codec_ptr), the float64
+    hyperparameters (lr and momentum/beta1 first, then the rule's own, then its runtime flags) and the size
+    class."""
+    dummies = _dummies(layout.device)
     if rounding is None:
-        rounding = (_dummies(layout.device)["schedule_step"], 0)
-    return _plan_args(layout, vector) + ctrl.args + tuple(rounding) + scalars + (layout.size_class,)
+        rounding = (dummies["schedule_step"], 0)
+    return (_plan_args(layout, vector) + ctrl.args + tuple(rounding) + (dummies["codec"],) + scalars
+            + (layout.size_class,))
 
 
 def kernel_meta(layout: Layout, vector: GradVector, meta: dict) -> dict:

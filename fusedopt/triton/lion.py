@@ -16,7 +16,8 @@ from fusedopt.triton import launcher as L
 
 
 @J.device_function
-def _lion_elements(p_addr, g_addr, m_addr, master_addr, m_absmax, start, offs, mask, seed, rstep, stream, element0,
+def _lion_elements(p_addr, g_addr, m_addr, master_addr, m_absmax, codec_ptr, start, offs, mask, seed, rstep, stream,
+                   element0,
                    inv_scale, clip_coef, decay, neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                    ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, STATE_FORMAT: tl.constexpr,
@@ -24,7 +25,8 @@ def _lion_elements(p_addr, g_addr, m_addr, master_addr, m_absmax, start, offs, m
     p = J.load_param(p_addr, master_addr, offs, mask, P_DTYPE, tl.float32, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
     g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
                          inv_scale, clip_coef, False)
-    m = C.load_state(m_addr, m_absmax, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, True, ALIGNED, SOFT_BF16)
+    m = C.load_state(m_addr, m_absmax, codec_ptr, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, True, ALIGNED,
+                     SOFT_BF16)
 
     # rules.h lion_update(), same operations in the same order
     p = p * decay
@@ -32,7 +34,7 @@ def _lion_elements(p_addr, g_addr, m_addr, master_addr, m_absmax, start, offs, m
     p = J.fma(neg_lr, J.sign(blended), p)
     m = J.fma(one_minus_beta2, g, m * beta2)
 
-    C.store_state(m_addr, m_absmax, start, offs, m, mask, seed, rstep, stream, element0,
+    C.store_state(m_addr, m_absmax, codec_ptr, start, offs, m, mask, seed, rstep, stream, element0,
                   STATE_FORMAT, S_DTYPE, True, 1, ALIGNED, SOFT_BF16, BLOCK)
     C.store_param(p_addr, master_addr, offs, p, mask, seed, rstep, stream, element0, P_DTYPE, HAS_MASTER, PARAM_SR,
                   ALIGNED, SOFT_BF16)
@@ -43,7 +45,7 @@ def lion_kernel(
     rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, beta1_table_ptr, beta1_table_len: tl.int64, schedule_step_ptr,
     grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
-    rounding_step_ptr, rounding_seed: tl.int64,
+    rounding_step_ptr, rounding_seed: tl.int64, codec_ptr,
     lr: tl.float64, beta1: tl.float64, beta2: tl.float64, weight_decay: tl.float64,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
@@ -75,13 +77,13 @@ def lion_kernel(
     n_full = (n // BLOCK) * BLOCK
     for start in range(0, n_full, BLOCK):  # full blocks: no mask, 128-bit accesses when ALIGNED
         offs = start + tl.arange(0, BLOCK)
-        _lion_elements(p_addr, g_addr, m_addr, master_addr, m_absmax, start, offs, None,
+        _lion_elements(p_addr, g_addr, m_addr, master_addr, m_absmax, codec_ptr, start, offs, None,
                        rounding_seed, rstep, stream, element0,
                        inv_scale, clip_coef, decay, neg_lr, beta1_t, one_minus_beta1, beta2_t, one_minus_beta2,
                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16, STATE_FORMAT, PARAM_SR, BLOCK)
     for start in range(n_full, n, BLOCK):  # the tail: at most one masked block
         offs = start + tl.arange(0, BLOCK)
-        _lion_elements(p_addr, g_addr, m_addr, master_addr, m_absmax, start, offs, offs < n,
+        _lion_elements(p_addr, g_addr, m_addr, master_addr, m_absmax, codec_ptr, start, offs, offs < n,
                        rounding_seed, rstep, stream, element0,
                        inv_scale, clip_coef, decay, neg_lr, beta1_t, one_minus_beta1, beta2_t, one_minus_beta2,
                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16, STATE_FORMAT, PARAM_SR, BLOCK)

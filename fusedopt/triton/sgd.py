@@ -18,7 +18,7 @@ from fusedopt.triton import launcher as L
 
 
 @J.device_function
-def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, buf_absmax, start, offs, mask, seed, rstep, stream,
+def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, buf_absmax, codec_ptr, start, offs, mask, seed, rstep, stream,
                   element0, inv_scale, clip_coef, neg_lr, weight_decay, momentum, one_minus_dampening, first_step,
                   P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                   USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
@@ -35,14 +35,14 @@ def _sgd_elements(p_addr, g_addr, buf_addr, master_addr, buf_absmax, start, offs
         if first_step != 0:
             buf = g  # torch creates the buffer as a copy of the gradient (sgd.cpp does not read it)
         else:
-            buf = C.load_state(buf_addr, buf_absmax, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, True, ALIGNED,
-                               SOFT_BF16)
+            buf = C.load_state(buf_addr, buf_absmax, codec_ptr, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, True,
+                               ALIGNED, SOFT_BF16)
             buf = J.fma(one_minus_dampening, g, buf * momentum)
         if NESTEROV:
             g = J.fma(momentum, buf, g)
         else:
             g = buf
-        C.store_state(buf_addr, buf_absmax, start, offs, buf, mask, seed, rstep, stream, element0,
+        C.store_state(buf_addr, buf_absmax, codec_ptr, start, offs, buf, mask, seed, rstep, stream, element0,
                       STATE_FORMAT, S_DTYPE, True, 1, ALIGNED, SOFT_BF16, BLOCK)
     p = J.fma(neg_lr, g, p)
 
@@ -55,7 +55,7 @@ def sgd_kernel(
     rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, momentum_table_ptr, momentum_table_len: tl.int64, schedule_step_ptr,
     grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
-    rounding_step_ptr, rounding_seed: tl.int64,
+    rounding_step_ptr, rounding_seed: tl.int64, codec_ptr,
     lr: tl.float64, momentum: tl.float64, dampening: tl.float64, weight_decay: tl.float64, first_step: tl.int32,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
@@ -85,14 +85,14 @@ def sgd_kernel(
     n_full = (n // BLOCK) * BLOCK
     for start in range(0, n_full, BLOCK):  # full blocks: no mask, 128-bit accesses when ALIGNED
         offs = start + tl.arange(0, BLOCK)
-        _sgd_elements(p_addr, g_addr, buf_addr, master_addr, buf_absmax, start, offs, None,
+        _sgd_elements(p_addr, g_addr, buf_addr, master_addr, buf_absmax, codec_ptr, start, offs, None,
                       rounding_seed, rstep, stream, element0,
                       inv_scale, clip_coef, neg_lr, weight_decay_t, momentum_t, one_minus_dampening, first_step,
                       P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, USE_MOMENTUM, NESTEROV, MAXIMIZE,
                       ALIGNED, SOFT_BF16, STATE_FORMAT, PARAM_SR, BLOCK)
     for start in range(n_full, n, BLOCK):  # the tail: at most one masked block
         offs = start + tl.arange(0, BLOCK)
-        _sgd_elements(p_addr, g_addr, buf_addr, master_addr, buf_absmax, start, offs, offs < n,
+        _sgd_elements(p_addr, g_addr, buf_addr, master_addr, buf_absmax, codec_ptr, start, offs, offs < n,
                       rounding_seed, rstep, stream, element0,
                       inv_scale, clip_coef, neg_lr, weight_decay_t, momentum_t, one_minus_dampening, first_step,
                       P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, USE_MOMENTUM, NESTEROV, MAXIMIZE,

@@ -30,7 +30,7 @@ POINTERS = {
     "rows_ptr": "*i64", "grad_addrs_ptr": "*i64", "step_table_ptr": "*i64", "done_ptr": "*i32",
     "lr_table_ptr": "*fp64", "beta1_table_ptr": "*fp64", "momentum_table_ptr": "*fp64",
     "schedule_step_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32",
-    "wd_table_ptr": "*fp64", "rounding_step_ptr": "*i64",
+    "wd_table_ptr": "*fp64", "rounding_step_ptr": "*i64", "codec_ptr": "*fp32",
 }
 ANNOTATED = {"n_tensors": "i64", "lr_table_len": "i64", "beta1_table_len": "i64", "momentum_table_len": "i64",
              "wd_table_len": "i64", "SIZE_CLASS": "i32", "first_step": "i32", "rounding_seed": "i64"}
