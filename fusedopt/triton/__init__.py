@@ -9,7 +9,9 @@ device, so a call never synchronizes with the host and can be captured in a CUDA
 
 Compiled kernels run on CUDA tensors. With TRITON_INTERPRET=1 (set before triton is imported) the same
 kernels run on CPU tensors through the Triton interpreter, which is how the CPU-only test suite exercises
-them. The per-element math mirrors csrc/fusedopt/rules.h line by line (see _jit.py for the numerics).
+them. The per-element math mirrors csrc/fusedopt/rules.h line by line (see _jit.py for the numerics). Small
+states (state_precision="bf16" / "8bit", stochastic_rounding) are loaded and stored by the kernels themselves
+through _codec.py, the Triton spelling of csrc/fusedopt/state_codec.h, bit for bit the CPU kernels.
 
 Importing this package does not import triton; the kernels are compiled on first use.
 """

@@ -16,6 +16,12 @@ n_rows programs handles row `pid`. A row holds (fields of _jit.py):
     F_GRAD_OFFSET                                     the row's byte offset in its tensor's grad
     F_NUMEL                                           elements in the row (1..CHUNK; 0 in the single dummy
                                                       row of a call whose tensors are all empty)
+    F_ABSMAX0, F_ABSMAX1, F_ABSMAX2                   8-bit states: the address of the absmax of the row's
+                                                      first 256-element block (rows then start at multiples
+                                                      of 256 in their tensor, so the kernels' blocks are the
+                                                      format's blocks)
+    F_ELEMENT, F_STREAM                               stochastic rounding: the index in the full tensor of
+                                                      the row's first element, and 4 * the param's index
 
 The kernels load the addresses and cast them with tl.pointer_type, so the tables are the only per-tensor
 arguments and one compiled kernel serves any number of tensors.
@@ -40,6 +46,13 @@ cannot copy a whole table and raises, asking for an eager step first, as torch's
 and grad vectors used during a capture are never evicted (a graph replays against them); the rest is an LRU
 cache bounded in bytes (MAX_CACHE_BYTES); freed device buffers go back to torch's caching allocator, which
 hands them out again.
+
+Small state
+-----------
+With state_absmaxes / rounding / rounding_step (the op's small-state arguments), a call's tensors are grouped by
+the format of their states (plain float, bfloat16 rounded stochastically, 8-bit codes: a constexpr of the
+kernels, see _codec.py) and each group is one launch with its own cached work table; the rounding seed and the
+device-side rounding step are runtime arguments, like the controls.
 
 Compiled kernels and capture
 ----------------------------
