@@ -650,3 +650,72 @@ def test_triton_stochastic_rounding_uses_the_documented_bits():
                     for e, x in enumerate(exact)]
             assert p.detach().float().cpu().tolist() == want, (step, index)
     assert int(opt.param_groups[0]["rounding_step"]) == 2
+
+
+try:  # the Triton codec run by itself (tests/conftest.py set TRITON_INTERPRET before this import without a GPU)
+    import triton
+    import triton.language as tl
+
+    from fusedopt.triton import _codec
+
+    @triton.jit
+    def _codec_kernel(q_ptr, codes_ptr, values_ptr, table_ptr, SIGNED: tl.constexpr, N: tl.constexpr):
+        offs = tl.program_id(0) * N + tl.arange(0, N)
+        tl.store(codes_ptr + offs, _codec.encode_8bit(tl.load(q_ptr + offs), table_ptr, SIGNED))
+        tl.store(values_ptr + offs, _codec.decode_8bit(offs & 255, table_ptr, SIGNED))
+except ImportError:  # no triton: require_backend("triton") decides below
+    _codec_kernel = None
+
+
+# (the interpreter's numpy warns about the inf - inf and overflows of the encoder's candidate for huge q, which
+# `one` overrides)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_triton_codec_equals_the_definition_on_float32_patterns():
+    """fusedopt/triton/_codec.py's encoder and decoder, run directly in a Triton kernel, against
+    fusedopt.quantization's definition (nearest value by a search over the exact midpoints): for both maps, every
+    4999th float32 bit pattern of both signs (859K values: every exponent, NaNs and infinities included), every
+    midpoint (the catchment thresholds are among them) and its two float32 neighbours; and the decoder on all 256
+    codes against the maps' values."""
+    require_backend("triton")
+    from fusedopt.triton import _codec as C
+
+    device = backend_device("triton")
+    table = torch.tensor(C.table_values(), dtype=torch.float32, device=device)
+    sampled = torch.arange(0, 2 ** 32, 4999, dtype=torch.int64)
+    for signed in (True, False):
+        edges = Q.midpoints(signed).view(torch.int32).to(torch.int64)
+        near = torch.cat([edges - 1, edges, edges + 1])
+        bits = torch.cat([sampled, near, near | 0x80000000, torch.tensor([0x7F800000, 0xFF800000, 0x7FC00000])])
+        per = 1 << 20  # elements per program (Triton's largest block)
+        n = -(-bits.numel() // per) * per
+        bits = torch.cat([bits, torch.zeros(n - bits.numel(), dtype=torch.int64)])
+        q = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32).view(torch.float32)
+        codes = torch.empty(n, dtype=torch.int32, device=device)
+        values = torch.empty(n, dtype=torch.float32, device=device)
+        _codec_kernel[(n // per,)](q.to(device), codes, values, table, SIGNED=signed, N=per)
+        want = Q.encode(q, signed).to(torch.int32)
+        bad = codes.cpu() != want
+        assert not bad.any(), (signed, q[bad][:5].tolist(), codes.cpu()[bad][:5].tolist(), want[bad][:5].tolist())
+        assert_bitwise(values[:256].cpu(), Q.dynamic_map(signed), f"decode, signed={signed}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_triton_special_blocks_equal_the_quantizer():
+    """Blocks the rule cannot produce from ordinary grads, through the Triton kernel: SGD's first step stores the
+    gradient in the 8-bit momentum buffer (lr 0), so codes and absmax must be quantize_blockwise(grad): blocks of
+    zeros, of subnormals (absmax below 2**-126: every element encodes as 0), with infinities and NaNs (a NaN wins
+    the integer absmax), ordinary values, and a partial last block."""
+    require_backend("triton")
+    device = backend_device("triton")
+    g = torch.Generator().manual_seed(2)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, float("inf"), float("-inf"), float("nan")])
+    grad = torch.cat([torch.zeros(256), torch.full((256,), 1e-40), torch.full((256,), -1e-39), special.repeat(32),
+                      torch.randn(256, generator=g) * 1e30, special[:6].repeat(40), torch.randn(3 * 1024 + 3, generator=g)])
+    param = torch.zeros_like(grad, device=device)
+    opt = fusedopt.FusedSGD([param], lr=0.0, momentum=0.9, state_precision="8bit", backend="triton")
+    param.grad = grad.to(device)
+    opt.step()
+    codes, absmax = Q.quantize_blockwise(grad, signed=True)
+    assert_bitwise(opt.state[param]["momentum_buffer"], codes, "codes")
+    assert_bitwise(opt.state[param]["momentum_buffer_absmax"], absmax, "absmax")
