@@ -412,11 +412,13 @@ def small_state_parts(op: str, params, master_params, lists, state_absmaxes, rou
     order (state list k is work-table field F_STATE0 + k), an empty list for one the call does not have."""
     check_rounding(op, params, rounding, rounding_step)
     on = bool(rounding)
+    sdtype = state_dtype(params, master_params)
+    if state_absmaxes is None and not on:  # plain states (the checks on a cache miss make sure): no per-tensor look
+        return [Part(None, sdtype, FMT_PLAIN, False, {}, None)], None
     rounding_args = (rounding_step, int(rounding[0])) if on else None
     param_sr = on and params[0].dtype == torch.bfloat16 and not master_params
     n = len(params)
     first = next((lst for lst in lists if lst), None)
-    sdtype = state_dtype(params, master_params)
     groups: Dict[torch.dtype, List[int]] = {}
     if first is None or len(first) != n:  # no states (plain SGD), or a length the checks will reject
         groups[sdtype] = list(range(n))
