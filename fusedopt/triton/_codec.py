@@ -33,7 +33,6 @@ role, which the rule passes). The param is stored to nearest, or with PARAM_SR s
 
 import struct
 
-import triton
 import triton.language as tl
 
 from fusedopt import quantization as Q
