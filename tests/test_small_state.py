@@ -13,9 +13,12 @@ Oracles and tolerances:
   GradScaler skips / checkpoints bitwise equal to the run they must equal, codes as fusedopt.quantization
   computes them.
 * Stochastic rounding: unbiased (the mean of 4,096 stochastically rounded updates of 1/8 of a bf16 ulp is 1/8 ulp
-  within 4 standard errors), reproducible from the seed, continued across a checkpoint.
+  within 4 standard errors), reproducible from the seed, continued across a checkpoint, and on Triton exactly the
+  rounding quant_reference's generator gives.
+* The Triton kernels read and write the formats themselves (fusedopt/triton/_codec.py): bit for bit the CPU
+  kernels over every format / param-rounding / rule-flag combination they compile separately.
 
-Takes about 25 s (most of it the Triton interpreter).
+Takes about 40 s (most of it the Triton interpreter).
 """
 
 from __future__ import annotations
@@ -542,3 +545,176 @@ def test_stochastic_rounding_is_reproducible_and_seeded():
         run(opt, params, 2)
         out.append(torch.cat([p.detach().float().reshape(-1) for p in params]))
     assert torch.equal(out[0], out[1]) and not torch.equal(out[0], out[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Triton kernels load and store small states themselves (fusedopt/triton/_codec.py): bit for bit the CPU kernels,
+# over the combinations the kernels compile separately (formats, param rounding, amsgrad, Adam's L2, Nesterov,
+# master weights, no state at all) and the runtime controls (schedule table, clipping, a GradScaler-skipped step).
+# Small problems (one 8-bit tensor just over the 4,096-element minimum, not a multiple of 256, and a float32-state
+# one, so every call has two launches), few steps: the interpreter is slow.
+# ----------------------------------------------------------------------------------------------------------------
+TRITON_SHAPES = [(4099,), (97,)]
+TRITON_CASES = {
+    "adamw-8bit-amsgrad": (fusedopt.FusedAdamW, "8bit", torch.float32, False, dict(amsgrad=True)),
+    "adam-l2-8bit": (fusedopt.FusedAdam, "8bit", torch.float32, False, dict(weight_decay=0.1)),
+    "sgd-8bit-nesterov": (fusedopt.FusedSGD, "8bit", torch.float32, False,
+                          dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "lion-8bit-bf16-sr": (fusedopt.FusedLion, "8bit", torch.bfloat16, True, dict(weight_decay=0.1)),
+    "adamw-bf16-bf16-sr": (fusedopt.FusedAdamW, "bf16", torch.bfloat16, True, {}),
+    "sgd-bf16-states-fp32-params-sr": (fusedopt.FusedSGD, "bf16", torch.float32, True,
+                                       dict(momentum=0.9, dampening=0.1)),
+    "adamw-bf16-params-no-master-sr": (fusedopt.FusedAdamW, None, torch.bfloat16, True, dict(amsgrad=True)),
+    "sgd-no-state-bf16-sr": (fusedopt.FusedSGD, None, torch.bfloat16, True, {}),
+    "adamw-8bit-bf16-master": (fusedopt.FusedAdamW, "8bit", torch.bfloat16, False, dict(master_weights=True)),
+    # lr table + max_grad_norm + a GradScaler-skipped step (the rounding counter must not advance on it)
+    "adamw-8bit-bf16-sr-schedule-clip-skip": (fusedopt.FusedAdamW, "8bit", torch.bfloat16, True,
+                                              dict(max_grad_norm=0.5, schedule="table")),
+}
+
+
+def _triton_case_run(case, backend):
+    cls, precision, dtype, sr, extra = TRITON_CASES[case]
+    extra = dict(extra)
+    steps, skipped = 3, None
+    if extra.get("schedule") == "table":
+        extra["schedule"] = schedules.warmup_cosine(total_steps=4, warmup_steps=1)
+        steps, skipped = 4, 2
+    torch.manual_seed(5)  # the rounding seed
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(device=backend_device(backend), dtype=dtype) for s in TRITON_SHAPES]
+    opt = cls(params, lr=1e-2, backend=backend, state_precision=precision, stochastic_rounding=sr, **extra)
+    if backend == "triton":
+        def no_staging(*args, **kwargs):
+            raise AssertionError("the Triton kernels should read these states themselves")
+        opt._call_staged = no_staging
+    for t in range(steps):
+        grads = grads_for(params, t)
+        if t == skipped:
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+            scaler.scale(torch.ones(()))
+            for p, gr in zip(params, grads):
+                p.grad = gr * 2.0 ** 4
+            params[1].grad[0] = float("inf")
+            scaler.step(opt)
+            continue
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        opt.step()
+    counter = opt.param_groups[0].get("rounding_step")
+    return params, state_tensors(opt, params), None if counter is None else int(counter), steps - (skipped is not None)
+
+
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_kernels_equal_the_cpu_kernels(case, monkeypatch):
+    require_backend("cpu")
+    require_backend("triton")
+    from fusedopt.triton import launcher
+
+    # one block per row under the interpreter (the cost is per block); test_backends_bitwise_equal keeps the
+    # default, several blocks per row
+    monkeypatch.setattr(launcher, "INTERPRET_BLOCK", launcher.CHUNK)
+    p_cpu, s_cpu, counter_cpu, live = _triton_case_run(case, "cpu")
+    p_tri, s_tri, counter_tri, _ = _triton_case_run(case, "triton")
+    for k, (a, b) in enumerate(zip(p_cpu, p_tri)):
+        assert_bitwise(a.detach(), b.detach(), f"param {k}")
+        assert s_cpu[k].keys() == s_tri[k].keys()
+        for key in s_cpu[k]:
+            assert_bitwise(s_cpu[k][key], s_tri[k][key], f"param {k} {key}")
+    if TRITON_CASES[case][3]:  # the rounding counter advanced on the device once per step GradScaler did not skip
+        assert counter_cpu == counter_tri == live
+    if TRITON_CASES[case][1] == "8bit":
+        assert s_tri[0][next(k for k in s_tri[0] if k.endswith("_absmax"))].numel() == Q.num_blocks(4099)
+
+
+def test_triton_stochastic_rounding_uses_the_documented_bits():
+    """bf16 params without master weights updated by the Triton kernel with stochastic rounding, against
+    quant_reference's generator (Python integers, one element at a time): SGD steps whose float32 result is exact
+    (1 + k * 2**-10: the update is lr * grad = 2**-10), so every stored param is the reference rounding of a
+    known float32 with the bits of (seed, rounding step, 4 * param index, element)."""
+    require_backend("triton")
+    device = backend_device("triton")
+    torch.manual_seed(3)
+    params = [torch.ones(5, dtype=torch.bfloat16, device=device), torch.ones(300, dtype=torch.bfloat16, device=device)]
+    opt = fusedopt.FusedSGD(params, lr=2.0 ** -10, backend="triton", stochastic_rounding=True)
+    seed = opt.param_groups[0]["rounding_seed"]
+    for step in range(2):
+        before = [p.detach().float().cpu() for p in params]
+        for p in params:
+            p.grad = torch.full_like(p, -1.0)
+        opt.step()
+        for index, (p, b) in enumerate(zip(params, before)):
+            exact = (b + 2.0 ** -10).tolist()  # b is a bf16 value near 1: b + 2**-10 is a float32, exactly
+            want = [R.bf16_round_stochastic_reference(x, R.random_bits_reference(seed, step, 4 * index, e))
+                    for e, x in enumerate(exact)]
+            assert p.detach().float().cpu().tolist() == want, (step, index)
+    assert int(opt.param_groups[0]["rounding_step"]) == 2
+
+
+try:  # the Triton codec run by itself (tests/conftest.py set TRITON_INTERPRET before this import without a GPU)
+    import triton
+    import triton.language as tl
+
+    from fusedopt.triton import _codec
+
+    @triton.jit
+    def _codec_kernel(q_ptr, codes_ptr, values_ptr, table_ptr, SIGNED: tl.constexpr, N: tl.constexpr):
+        offs = tl.program_id(0) * N + tl.arange(0, N)
+        tl.store(codes_ptr + offs, _codec.encode_8bit(tl.load(q_ptr + offs), table_ptr, SIGNED))
+        tl.store(values_ptr + offs, _codec.decode_8bit(offs & 255, table_ptr, SIGNED))
+except ImportError:  # no triton: require_backend("triton") decides below
+    _codec_kernel = None
+
+
+# (the interpreter's numpy warns about the inf - inf and overflows of the encoder's candidate for huge q, which
+# `one` overrides)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_triton_codec_equals_the_definition_on_float32_patterns():
+    """fusedopt/triton/_codec.py's encoder and decoder, run directly in a Triton kernel, against
+    fusedopt.quantization's definition (nearest value by a search over the exact midpoints): for both maps, every
+    4999th float32 bit pattern of both signs (859K values: every exponent, NaNs and infinities included), every
+    midpoint (the catchment thresholds are among them) and its two float32 neighbours; and the decoder on all 256
+    codes against the maps' values."""
+    require_backend("triton")
+    from fusedopt.triton import _codec as C
+
+    device = backend_device("triton")
+    table = torch.tensor(C.table_values(), dtype=torch.float32, device=device)
+    sampled = torch.arange(0, 2 ** 32, 4999, dtype=torch.int64)
+    for signed in (True, False):
+        edges = Q.midpoints(signed).view(torch.int32).to(torch.int64)
+        near = torch.cat([edges - 1, edges, edges + 1])
+        bits = torch.cat([sampled, near, near | 0x80000000, torch.tensor([0x7F800000, 0xFF800000, 0x7FC00000])])
+        per = 1 << 20  # elements per program (Triton's largest block)
+        n = -(-bits.numel() // per) * per
+        bits = torch.cat([bits, torch.zeros(n - bits.numel(), dtype=torch.int64)])
+        q = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32).view(torch.float32)
+        codes = torch.empty(n, dtype=torch.int32, device=device)
+        values = torch.empty(n, dtype=torch.float32, device=device)
+        _codec_kernel[(n // per,)](q.to(device), codes, values, table, SIGNED=signed, N=per)
+        want = Q.encode(q, signed).to(torch.int32)
+        bad = codes.cpu() != want
+        assert not bad.any(), (signed, q[bad][:5].tolist(), codes.cpu()[bad][:5].tolist(), want[bad][:5].tolist())
+        assert_bitwise(values[:256].cpu(), Q.dynamic_map(signed), f"decode, signed={signed}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_triton_special_blocks_equal_the_quantizer():
+    """Blocks the rule cannot produce from ordinary grads, through the Triton kernel: SGD's first step stores the
+    gradient in the 8-bit momentum buffer (lr 0), so codes and absmax must be quantize_blockwise(grad): blocks of
+    zeros, of subnormals (absmax below 2**-126: every element encodes as 0), with infinities and NaNs (a NaN wins
+    the integer absmax), ordinary values, and a partial last block."""
+    require_backend("triton")
+    device = backend_device("triton")
+    g = torch.Generator().manual_seed(2)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, float("inf"), float("-inf"), float("nan")])
+    grad = torch.cat([torch.zeros(256), torch.full((256,), 1e-40), torch.full((256,), -1e-39), special.repeat(32),
+                      torch.randn(256, generator=g) * 1e30, special[:6].repeat(40), torch.randn(3 * 1024 + 3, generator=g)])
+    param = torch.zeros_like(grad, device=device)
+    opt = fusedopt.FusedSGD([param], lr=0.0, momentum=0.9, state_precision="8bit", backend="triton")
+    param.grad = grad.to(device)
+    opt.step()
+    codes, absmax = Q.quantize_blockwise(grad, signed=True)
+    assert_bitwise(opt.state[param]["momentum_buffer"], codes, "codes")
+    assert_bitwise(opt.state[param]["momentum_buffer_absmax"], absmax, "absmax")

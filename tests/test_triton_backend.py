@@ -912,6 +912,59 @@ def test_bad_arguments_raise_like_the_cpu_op(case):
 
 
 @needs_cpu_ops
+@pytest.mark.parametrize("case", ["absmaxes_len", "absmax_short", "absmax_dtype", "mixed_state_dtypes",
+                                  "state_dtype", "rounding_len", "rounding_without_step", "rounding_step_dtype",
+                                  "half_params_8bit"])
+def test_small_state_bad_arguments_raise_like_the_cpu_op(case):
+    """The small-state checks (op_args.h check_small_states / check_rounding, state_io.h's dtype rule) with the
+    C++ messages, before anything is modified."""
+
+    def args(dev):
+        dtype = torch.float16 if case == "half_params_8bit" else torch.float32
+        params = make_params([(300,), (4, 5)], dtype, 8, device=dev)
+        codes = [torch.full(p.shape, 127, dtype=torch.uint8, device=dev) for p in params]
+        a = dict(params=params, grads=[torch.zeros_like(p) for p in params], exp_avgs=codes,
+                 exp_avg_sqs=[torch.zeros_like(c) for c in codes],
+                 absmaxes=[torch.zeros(2, device=dev), torch.zeros(1, device=dev)] * 2 + [torch.empty(0, device=dev)] * 2,
+                 steps=[torch.zeros((), dtype=torch.int64, device=dev) for _ in params], rounding=[],
+                 rounding_step=None)
+        if case == "absmaxes_len":
+            a["absmaxes"] = a["absmaxes"][:4]
+        elif case == "absmax_short":
+            a["absmaxes"][0] = torch.zeros(1, device=dev)
+        elif case == "absmax_dtype":
+            a["absmaxes"][1] = torch.zeros(1, dtype=torch.float64, device=dev)
+        elif case == "mixed_state_dtypes":
+            a["exp_avg_sqs"][1] = torch.zeros(4, 5, device=dev)
+        elif case == "state_dtype":
+            a["exp_avgs"][0] = torch.zeros(300, dtype=torch.int32, device=dev)
+        elif case == "rounding_len":
+            a["rounding"], a["rounding_step"] = [7, 0, 0], torch.zeros((), dtype=torch.int64, device=dev)
+        elif case == "rounding_without_step":
+            a["rounding"] = [7, 0, 0, 1, 0]
+        elif case == "rounding_step_dtype":
+            a["rounding"], a["rounding_step"] = [7, 0, 0, 1, 0], torch.zeros((), device=dev)
+        return a
+
+    def call(impl, a):
+        impl(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], [], a["steps"], [], 1e-3, 0.9, 0.999,
+             1e-8, 0.0, False, False, None, None, None, None, None, None, state_absmaxes=a["absmaxes"],
+             rounding=a["rounding"], rounding_step=a["rounding_step"])
+
+    with pytest.raises(RuntimeError) as expected:
+        call(torch.ops.fusedopt.adamw_, args("cpu"))
+    a = args(DEVICE)
+    before = [t.clone() for t in a["params"] + a["exp_avgs"] + a["exp_avg_sqs"] + a["absmaxes"] + a["steps"]]
+    with pytest.raises(RuntimeError) as ours:
+        call(ft.adamw_, a)
+    want = str(expected.value).splitlines()[0].replace("cpu", "")
+    got = str(ours.value).splitlines()[0].replace(str(DEVICE), "").replace("cpu", "")
+    assert got == want
+    for t, b in zip(a["params"] + a["exp_avgs"] + a["exp_avg_sqs"] + a["absmaxes"] + a["steps"], before):
+        assert_bitwise(t, b, "nothing modified")
+
+
+@needs_cpu_ops
 def test_one_entry_table_without_a_counter_is_a_tensor_lr():
     """step() passes a tensor lr as a one-entry lr table with no schedule_step: read at entry 0, bitwise as the
     CPU op reads it, and as the same lr given as a number."""
@@ -1175,6 +1228,64 @@ def test_gpu_cuda_graph_capture_and_replay(rule, dtype):
             assert_bitwise(p, q, f"graph replay vs eager {rule} {dtype}")
     for (name, a), (_, b) in zip(graphed.states(), eager.states()):
         assert_bitwise(a, b, f"graph replay vs eager {rule} {dtype}: {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, sr", [(torch.float32, False), (torch.bfloat16, True)])
+def test_gpu_8bit_adamw_cuda_graph_capture_vs_eager(dtype, sr):
+    """FusedAdamW with 8-bit states on the Triton backend (bfloat16 params: rounded stochastically, the rounding
+    counter advanced on the device) captured whole in a CUDA graph with torch's recipe (warm-up on a side stream,
+    static grads, torch.cuda.graph) and replayed with new grads: bit-equal to the same steps run eagerly, codes,
+    absmax and counters included."""
+    import fusedopt
+
+    dev = torch.device("cuda")
+    sizes = [(4099,), (64, 80), (97,)]  # two 8-bit tensors (one not a multiple of 256), one with float32 states
+    sides = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the rounding seed
+        params = make_params(sizes, dtype, 13)
+        opt = fusedopt.FusedAdamW(params, lr=1e-2, weight_decay=0.1, backend="triton", state_precision="8bit",
+                                  stochastic_rounding=sr)
+        sides.append((params, opt))
+    (eager_params, eager), (graph_params, graphed) = sides
+    static_grads = [torch.zeros_like(p) for p in graph_params]
+    for p, g in zip(graph_params, static_grads):
+        p.grad = g
+
+    def step_eager(t):
+        for p, g in zip(eager_params, make_grads(eager_params, t, 13)):
+            p.grad = g
+        eager.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for t in range(2):
+            for s, g in zip(static_grads, make_grads(graph_params, t, 13)):
+                s.copy_(g)
+            graphed.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in range(2):
+        step_eager(t)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for t in range(2, 8):
+        for s, g in zip(static_grads, make_grads(graph_params, t, 13)):
+            s.copy_(g)
+        graph.replay()
+        step_eager(t)
+    torch.cuda.synchronize()
+    for a, b in zip(graph_params, eager_params):
+        assert_bitwise(a, b, f"graph replay vs eager, 8-bit {dtype}")
+        assert graphed.state[a].keys() == eager.state[b].keys()
+        for key in graphed.state[a]:
+            assert_bitwise(graphed.state[a][key], eager.state[b][key], f"graph replay vs eager, 8-bit {dtype}: {key}")
+    assert graphed.state[graph_params[0]]["exp_avg"].dtype == torch.uint8
+    if sr:
+        assert int(graphed.param_groups[0]["rounding_step"]) == int(eager.param_groups[0]["rounding_step"]) == 8
 
 
 @pytest.mark.gpu

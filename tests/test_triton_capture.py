@@ -240,3 +240,37 @@ def test_optimizer_step_in_the_capture_recipe(rule, monkeypatch):
                     opts[b].step()
         for a, b in zip(models["triton"].parameters(), models["cpu"].parameters()):
             assert torch.equal(a.detach().cpu(), b.detach()), f"{rule}, {warmup} warm-up steps"
+
+
+@pytest.mark.parametrize("precision, dtype, sr", [("8bit", torch.bfloat16, True), ("bf16", torch.float32, False)])
+def test_small_state_step_in_the_capture_recipe(precision, dtype, sr, monkeypatch):
+    """Small states (8-bit: two launches per step, the 8-bit tensor's and the float32-state small tensor's; bf16
+    states; stochastic rounding reading the rounding counter on the device): one eager step loads every kernel
+    variant, then a captured step with new grads (zero_grad(set_to_none=True)) neither raises nor differs from
+    the CPU backend, nor does the eager step after it; the rounding counter included."""
+    capture = Capture(monkeypatch)
+    monkeypatch.setattr(launcher, "INTERPRET_BLOCK", launcher.CHUNK)  # one block per row: the interpreter is slow
+    base = _tensors([(4099,), (7, 5)], 2, dtype)
+    sides = {}
+    for backend, dev in (("triton", DEVICE), ("cpu", torch.device("cpu"))):
+        torch.manual_seed(4)  # the rounding seed
+        params = [p.clone().to(dev) for p in base]
+        sides[backend] = (params, fusedopt.FusedAdamW(params, lr=1e-2, weight_decay=0.1, backend=backend,
+                                                      state_precision=precision, stochastic_rounding=sr))
+    for t in range(3):
+        grads = _tensors([(4099,), (7, 5)], 10 + t, dtype)
+        for backend, (params, opt) in sides.items():
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.device)
+            if backend == "triton" and t == 1:  # (a second capture would need an eager step in between)
+                with capture:
+                    opt.step()
+            else:
+                opt.step()
+    (pa, oa), (pb, ob) = sides["triton"], sides["cpu"]
+    for a, b in zip(pa, pb):
+        assert torch.equal(a.detach().cpu(), b.detach())
+        for key, value in oa.state[a].items():
+            assert torch.equal(value.cpu(), ob.state[b][key]), key
+    if sr:
+        assert int(oa.param_groups[0]["rounding_step"]) == int(ob.param_groups[0]["rounding_step"]) == 3

@@ -26,9 +26,9 @@ from fusedopt.optim._batch import Batch, dtensor_class
 
 PRECISIONS = ("fp32", "bf16", "8bit")
 # Backends whose kernels load and store small states themselves (one fused pass: decode, rule, absmax, encode;
-# csrc/cpu/state_io.h and csrc/cuda/state_slots.h over csrc/fusedopt/state_codec.h), for params of these dtypes;
-# the others (the triton backend, float16 / float64 params) run through _call_staged.
-FUSED_SMALL_STATE_BACKENDS = ("cpu", "cuda")
+# csrc/cpu/state_io.h and csrc/cuda/state_slots.h over csrc/fusedopt/state_codec.h, fusedopt/triton/_codec.py),
+# for params of these dtypes; float16 params (and any other backend) run through _call_staged.
+FUSED_SMALL_STATE_BACKENDS = ("cpu", "cuda", "triton")
 FUSED_SMALL_STATE_DTYPES = (torch.float32, torch.bfloat16)
 QUANTIZABLE_KEYS = Q.SIGNED_STATE_KEYS + Q.UNSIGNED_STATE_KEYS
 _SUFFIX = "_absmax"

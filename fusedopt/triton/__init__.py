@@ -9,7 +9,9 @@ device, so a call never synchronizes with the host and can be captured in a CUDA
 
 Compiled kernels run on CUDA tensors. With TRITON_INTERPRET=1 (set before triton is imported) the same
 kernels run on CPU tensors through the Triton interpreter, which is how the CPU-only test suite exercises
-them. The per-element math mirrors csrc/fusedopt/rules.h line by line (see _jit.py for the numerics).
+them. The per-element math mirrors csrc/fusedopt/rules.h line by line (see _jit.py for the numerics). Small
+states (state_precision="bf16" / "8bit", stochastic_rounding) are loaded and stored by the kernels themselves
+through _codec.py, the Triton spelling of csrc/fusedopt/state_codec.h, bit for bit the CPU kernels.
 
 Importing this package does not import triton; the kernels are compiled on first use.
 """
@@ -39,28 +41,32 @@ def is_available() -> Tuple[bool, str]:
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1, beta2, eps,
            weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
-           clip_coef, weight_decay_table=None, decoupled_weight_decay=True) -> None:
+           clip_coef, weight_decay_table=None, decoupled_weight_decay=True, state_absmaxes=None, rounding=(),
+           rounding_step=None) -> None:
     from fusedopt.triton import adamw
 
     adamw.adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1, beta2,
                  eps, weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale,
-                 found_inf, clip_coef, weight_decay_table, decoupled_weight_decay)
+                 found_inf, clip_coef, weight_decay_table, decoupled_weight_decay, state_absmaxes, rounding,
+                 rounding_step)
 
 
 def sgd_(params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay, nesterov,
          maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
-         weight_decay_table=None) -> None:
+         weight_decay_table=None, state_absmaxes=None, rounding=(), rounding_step=None) -> None:
     from fusedopt.triton import sgd
 
     sgd.sgd_(params, grads, momentum_buffers, master_params, lr, momentum, dampening, weight_decay, nesterov,
              maximize, first_step, lr_table, momentum_table, schedule_step, grad_scale, found_inf, clip_coef,
-             weight_decay_table)
+             weight_decay_table, state_absmaxes, rounding, rounding_step)
 
 
 def lion_(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table, beta1_table,
-          schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table=None) -> None:
+          schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table=None, state_absmaxes=None,
+          rounding=(), rounding_step=None) -> None:
     from fusedopt.triton import lion
 
     lion.lion_(params, grads, exp_avgs, master_params, lr, beta1, beta2, weight_decay, lr_table, beta1_table,
-               schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table)
+               schedule_step, grad_scale, found_inf, clip_coef, weight_decay_table, state_absmaxes, rounding,
+               rounding_step)
 

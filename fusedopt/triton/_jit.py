@@ -52,7 +52,9 @@ def device_function(fn):
 # Fields of one row of the work table (see launcher.py). The param, state and master fields are addresses
 # already offset to the row's first element; the grad of a row is found through the call's grad-address vector
 # (grads move between steps, the rest does not), at byte offset F_GRAD_OFFSET from the address of tensor
-# F_TENSOR's grad; F_TENSOR also indexes the step table (AdamW).
+# F_TENSOR's grad; F_TENSOR also indexes the step table (AdamW). Small state (_codec.py): F_ABSMAX0..2 the
+# addresses of the 8-bit states' absmax entries of the row's first block; F_ELEMENT the index in the full tensor
+# of the row's first element and F_STREAM 4 * the param's index (the stochastic-rounding stream).
 F_PARAM = tl.constexpr(0)
 F_GRAD_OFFSET = tl.constexpr(1)
 F_STATE0 = tl.constexpr(2)
@@ -61,7 +63,12 @@ F_STATE2 = tl.constexpr(4)
 F_MASTER = tl.constexpr(5)
 F_TENSOR = tl.constexpr(6)
 F_NUMEL = tl.constexpr(7)
-ROW = tl.constexpr(8)
+F_ABSMAX0 = tl.constexpr(8)
+F_ABSMAX1 = tl.constexpr(9)
+F_ABSMAX2 = tl.constexpr(10)
+F_ELEMENT = tl.constexpr(11)
+F_STREAM = tl.constexpr(12)
+ROW = tl.constexpr(16)
 
 
 @device_function
@@ -136,7 +143,8 @@ def store_elems(addr, offs, x, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
 @device_function
 def load_param(p_addr, master_addr, offs, mask, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """multi_tensor_cpu.h load_param(): the param as the update sees it, from its float32 master copy if any."""
+    """multi_tensor_cpu.h load_param(): the param as the update sees it, from its float32 master copy if any
+    (S_DTYPE: the master copy's dtype, float32)."""
     if HAS_MASTER:
         p = load_elems(master_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
     else:

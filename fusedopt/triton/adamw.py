@@ -6,28 +6,38 @@ Per program: read the controls and the schedule (_jit.read_controls), read this 
 increment (one; the step this update uses: torch counts from 1), compute the AdamW scalars in float64 and
 round each to the math type once, update the row's elements; then the last program to finish increments every
 step tensor, unless found_inf is set.
+
+The states are loaded and stored through the codec (_codec.py: plain, bfloat16 rounded stochastically, or
+8-bit with exp_avg on the signed map and exp_avg_sq / max_exp_avg_sq on the unsigned one), the param to
+nearest or stochastically: constexprs orthogonal to the rule, whose lines below are the same for every format.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from fusedopt.triton import _codec as C
 from fusedopt.triton import _jit as J
 from fusedopt.triton import launcher as L
 
 
 @J.device_function
-def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, mask,
+def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, m_absmax, v_absmax, vmax_absmax,
+                    codec_ptr, start, offs, mask, seed, rstep, stream, element0,
                     inv_scale, clip_coef, decay, l2_weight_decay, beta2, one_minus_beta1, one_minus_beta2,
                     neg_step_size, bias_correction2_sqrt, eps,
                     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
                     HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                    DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr):
-    p = J.load_param(p_addr, master_addr, offs, mask, P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
+                    DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
+                    STATE_FORMAT: tl.constexpr, PARAM_SR: tl.constexpr, BLOCK: tl.constexpr):
+    p = J.load_param(p_addr, master_addr, offs, mask, P_DTYPE, tl.float32, T_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
     g = J.transform_grad(J.load_elems(g_addr, offs, mask, P_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16),
                          inv_scale, clip_coef, MAXIMIZE)
-    m = J.load_elems(m_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
-    v = J.load_elems(v_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+    # state slots 1, 2, 3 (the rounding streams): exp_avg (signed map), exp_avg_sq, max_exp_avg_sq (unsigned)
+    m = C.load_state(m_addr, m_absmax, codec_ptr, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, True, ALIGNED,
+                     SOFT_BF16)
+    v = C.load_state(v_addr, v_absmax, codec_ptr, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, False, ALIGNED,
+                     SOFT_BF16)
 
     # rules.h adamw_update(), same operations in the same order
     if not DECOUPLED:  # Adam's L2 decay (l2_weight_decay is 0 and decay 1 in AdamW mode, as in rules.h)
@@ -38,16 +48,21 @@ def _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs
     v = J.fma(one_minus_beta2 * g, g, v)
     second_moment = v
     if AMSGRAD:
-        max_v = J.load_elems(vmax_addr, offs, mask, S_DTYPE, T_DTYPE, ALIGNED, SOFT_BF16)
+        max_v = C.load_state(vmax_addr, vmax_absmax, codec_ptr, offs, mask, STATE_FORMAT, S_DTYPE, T_DTYPE, False,
+                             ALIGNED, SOFT_BF16)
         max_v = tl.where(max_v > v, max_v, v)  # torch.maximum; a NaN in v propagates
         second_moment = max_v
-        J.store_elems(vmax_addr, offs, max_v, mask, S_DTYPE, ALIGNED, SOFT_BF16)
+        C.store_state(vmax_addr, vmax_absmax, codec_ptr, start, offs, max_v, mask, seed, rstep, stream, element0,
+                      STATE_FORMAT, S_DTYPE, False, 3, ALIGNED, SOFT_BF16, BLOCK)
     denom = J.div(J.sqrt(second_moment), bias_correction2_sqrt) + eps
     p = p + J.div(neg_step_size * m, denom)
 
-    J.store_elems(m_addr, offs, m, mask, S_DTYPE, ALIGNED, SOFT_BF16)
-    J.store_elems(v_addr, offs, v, mask, S_DTYPE, ALIGNED, SOFT_BF16)
-    J.store_param(p_addr, master_addr, offs, p, mask, P_DTYPE, S_DTYPE, HAS_MASTER, ALIGNED, SOFT_BF16)
+    C.store_state(m_addr, m_absmax, codec_ptr, start, offs, m, mask, seed, rstep, stream, element0,
+                  STATE_FORMAT, S_DTYPE, True, 1, ALIGNED, SOFT_BF16, BLOCK)
+    C.store_state(v_addr, v_absmax, codec_ptr, start, offs, v, mask, seed, rstep, stream, element0,
+                  STATE_FORMAT, S_DTYPE, False, 2, ALIGNED, SOFT_BF16, BLOCK)
+    C.store_param(p_addr, master_addr, offs, p, mask, seed, rstep, stream, element0, P_DTYPE, HAS_MASTER, PARAM_SR,
+                  ALIGNED, SOFT_BF16)
 
 
 @triton.jit(**L.jit_options(int_args=["beta1_table_len"], pointer_args=["beta1_table_ptr"]))
@@ -55,11 +70,12 @@ def adamw_kernel(
     rows_ptr, grad_addrs_ptr, n_tensors: tl.int64, step_table_ptr, done_ptr,
     lr_table_ptr, lr_table_len: tl.int64, beta1_table_ptr, beta1_table_len: tl.int64, schedule_step_ptr,
     grad_scale_ptr, found_inf_ptr, clip_coef_ptr, wd_table_ptr, wd_table_len: tl.int64,
+    rounding_step_ptr, rounding_seed: tl.int64, codec_ptr,
     lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
     SIZE_CLASS: tl.int32,  # autotuning key only
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr,
-    SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    SOFT_BF16: tl.constexpr, STATE_FORMAT: tl.constexpr, PARAM_SR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = J.row_ptr(rows_ptr)
     lr_now, beta1_now, wd_now, live, inv_scale, clip_coef = J.read_controls(
@@ -99,20 +115,29 @@ def adamw_kernel(
     v_addr = tl.load(row + J.F_STATE1)
     vmax_addr = tl.load(row + J.F_STATE2)
     master_addr = tl.load(row + J.F_MASTER)
+    m_absmax = tl.load(row + J.F_ABSMAX0)
+    v_absmax = tl.load(row + J.F_ABSMAX1)
+    vmax_absmax = tl.load(row + J.F_ABSMAX2)
+    rstep, stream, element0 = C.rounding_stream(row, rounding_step_ptr,
+                                                PARAM_SR or STATE_FORMAT == C.FMT_BF16_SR)
     n = tl.where(live, tl.load(row + J.F_NUMEL), 0)  # found_inf: no element is touched
     n_full = (n // BLOCK) * BLOCK
     for start in range(0, n_full, BLOCK):  # full blocks: no mask, 128-bit accesses when ALIGNED
         offs = start + tl.arange(0, BLOCK)
-        _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, None,
+        _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, m_absmax, v_absmax, vmax_absmax,
+                        codec_ptr, start, offs, None, rounding_seed, rstep, stream, element0,
                         inv_scale, clip_coef, decay, l2_weight_decay, beta2_t, one_minus_beta1, one_minus_beta2,
                         neg_step_size, bias_correction2_sqrt, eps_t,
-                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16)
+                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16,
+                        STATE_FORMAT, PARAM_SR, BLOCK)
     for start in range(n_full, n, BLOCK):  # the tail: at most one masked block
         offs = start + tl.arange(0, BLOCK)
-        _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, offs, offs < n,
+        _adamw_elements(p_addr, g_addr, m_addr, v_addr, vmax_addr, master_addr, m_absmax, v_absmax, vmax_absmax,
+                        codec_ptr, start, offs, offs < n, rounding_seed, rstep, stream, element0,
                         inv_scale, clip_coef, decay, l2_weight_decay, beta2_t, one_minus_beta1, one_minus_beta2,
                         neg_step_size, bias_correction2_sqrt, eps_t,
-                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16)
+                        P_DTYPE, S_DTYPE, T_DTYPE, HAS_MASTER, AMSGRAD, MAXIMIZE, DECOUPLED, ALIGNED, SOFT_BF16,
+                        STATE_FORMAT, PARAM_SR, BLOCK)
 
     # The step increments. A program may only write a step once no program will read it any more, so the
     # last program to get here does all of them (PyTorch's mark_block_finished pattern): the barrier makes
@@ -144,12 +169,16 @@ if not L.INTERPRET:
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params, lr, beta1, beta2, eps,
            weight_decay, amsgrad, maximize, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
-           clip_coef, weight_decay_table=None, decoupled_weight_decay=True) -> None:
-    """fusedopt::adamw_ (csrc/ops.cpp) on the Triton backend; same arguments, same in-place semantics."""
+           clip_coef, weight_decay_table=None, decoupled_weight_decay=True, state_absmaxes=None, rounding=(),
+           rounding_step=None) -> None:
+    """fusedopt::adamw_ (csrc/ops.cpp) on the Triton backend; same arguments, same in-place semantics (small
+    state: state_absmaxes, rounding, rounding_step as the op takes them; one launch per state format)."""
     op = "fusedopt::adamw_"
     L.check_params(op, params)
     if not params:
         return
+    names = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+    lists = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])
     fields = {L.F_PARAM: params, L.F_STATE0: exp_avgs, L.F_STATE1: exp_avg_sqs}
     if amsgrad:
         fields[L.F_STATE2] = max_exp_avg_sqs
@@ -157,20 +186,24 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_
         fields[L.F_MASTER] = master_params
 
     def validate():  # on a cache miss
-        sdtype = L.state_dtype(params, master_params)
+        sdtype = None if state_absmaxes is not None else L.state_dtype(params, master_params)
         L.check_list(op, "grads", params, grads, True, params[0].dtype)
         L.check_list(op, "exp_avgs", params, exp_avgs, True, sdtype)
         L.check_list(op, "exp_avg_sqs", params, exp_avg_sqs, True, sdtype)
         L.check_list(op, "max_exp_avg_sqs", params, max_exp_avg_sqs, amsgrad, sdtype)
         L.check_list(op, "master_params", params, master_params, False, torch.float32)
         L.check_steps(op, params, steps)
+        L.check_small_states(op, params, master_params, lists, names, state_absmaxes, bool(rounding))
 
     if len(steps) != len(params):
         L.check_steps(op, params, steps)
-    layout, grad_vector = L.get_plan(op, fields, steps, grads, validate)
+    parts, rounding_args = L.small_state_parts(op, params, master_params, lists, state_absmaxes, rounding,
+                                               rounding_step)
+    plans = L.plan_parts(op, parts, fields, steps, grads, validate)
     ctrl = L.controls(op, params[0].device, lr_table, beta1_table, schedule_step, grad_scale, found_inf,
                       clip_coef, weight_decay_table)
-    meta = dict(L.common_meta(params, master_params), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-                DECOUPLED=bool(decoupled_weight_decay))
     scalars = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
-    L.launch(adamw_kernel, _tuned, layout, grad_vector, ctrl, scalars, meta)
+    for part, (layout, grad_vector) in zip(parts, plans):
+        meta = dict(L.common_meta(params, master_params, part), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+                    DECOUPLED=bool(decoupled_weight_decay))
+        L.launch(adamw_kernel, _tuned, layout, grad_vector, ctrl, scalars, meta, rounding_args)

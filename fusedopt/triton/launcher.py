@@ -16,6 +16,12 @@ n_rows programs handles row `pid`. A row holds (fields of _jit.py):
     F_GRAD_OFFSET                                     the row's byte offset in its tensor's grad
     F_NUMEL                                           elements in the row (1..CHUNK; 0 in the single dummy
                                                       row of a call whose tensors are all empty)
+    F_ABSMAX0, F_ABSMAX1, F_ABSMAX2                   8-bit states: the address of the absmax of the row's
+                                                      first 256-element block (rows then start at multiples
+                                                      of 256 in their tensor, so the kernels' blocks are the
+                                                      format's blocks)
+    F_ELEMENT, F_STREAM                               stochastic rounding: the index in the full tensor of
+                                                      the row's first element, and 4 * the param's index
 
 The kernels load the addresses and cast them with tl.pointer_type, so the tables are the only per-tensor
 arguments and one compiled kernel serves any number of tensors.
@@ -41,6 +47,13 @@ and grad vectors used during a capture are never evicted (a graph replays agains
 cache bounded in bytes (MAX_CACHE_BYTES); freed device buffers go back to torch's caching allocator, which
 hands them out again.
 
+Small state
+-----------
+With state_absmaxes / rounding / rounding_step (the op's small-state arguments), a call's tensors are grouped by
+the format of their states (plain float, bfloat16 rounded stochastically, 8-bit codes: a constexpr of the
+kernels, see _codec.py) and each group is one launch with its own cached work table; the rounding seed and the
+device-side rounding step are runtime arguments, like the controls.
+
 Compiled kernels and capture
 ----------------------------
 A Triton kernel is compiled and loaded at its first launch, and loading a module while a stream is capturing
@@ -61,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedopt.triton import _jit
+from fusedopt.triton import _codec, _jit
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -69,6 +82,13 @@ ROW = int(_jit.ROW)
 F_PARAM, F_GRAD_OFFSET, F_STATE0, F_STATE1, F_STATE2, F_MASTER, F_TENSOR, F_NUMEL = (
     int(_jit.F_PARAM), int(_jit.F_GRAD_OFFSET), int(_jit.F_STATE0), int(_jit.F_STATE1), int(_jit.F_STATE2),
     int(_jit.F_MASTER), int(_jit.F_TENSOR), int(_jit.F_NUMEL))
+F_ABSMAX0, F_ABSMAX1, F_ABSMAX2, F_ELEMENT, F_STREAM = (
+    int(_jit.F_ABSMAX0), int(_jit.F_ABSMAX1), int(_jit.F_ABSMAX2), int(_jit.F_ELEMENT), int(_jit.F_STREAM))
+# the absmax field of each state field (8-bit states)
+ABSMAX_FIELD = {F_STATE0: F_ABSMAX0, F_STATE1: F_ABSMAX1, F_STATE2: F_ABSMAX2}
+# elements per quantization block: rows of a layout with 8-bit states start at multiples of it
+QBLOCK = int(_codec.QBLOCK)
+FMT_PLAIN, FMT_BF16_SR, FMT_8BIT = int(_codec.FMT_PLAIN), int(_codec.FMT_BF16_SR), int(_codec.FMT_8BIT)
 
 # Elements per row of the work table. On a GPU 4096 elements (16-64 KiB per stream) amortize a program's
 # prologue (a handful of scalar loads and the float64 scalar math) while a 1M-element model still gets 256
@@ -96,7 +116,7 @@ CONFIGS = [
 ]
 # The autotuner's key: a size class (a runtime int argument the kernels ignore) and the dtypes. The rule
 # modules add their own flags.
-TUNE_KEY = ["SIZE_CLASS", "P_DTYPE", "S_DTYPE", "HAS_MASTER"]
+TUNE_KEY = ["SIZE_CLASS", "P_DTYPE", "S_DTYPE", "HAS_MASTER", "STATE_FORMAT", "PARAM_SR"]
 
 
 def jit_options(int_args: Sequence[str] = (), pointer_args: Sequence[str] = ()) -> dict:
@@ -106,9 +126,9 @@ def jit_options(int_args: Sequence[str] = (), pointer_args: Sequence[str] = ()) 
     of one entry, 16 tensors, a control tensor that is a view), and a new kernel first met during CUDA-graph
     capture could not be loaded. The work-table pointers keep their specialization: the launcher allocates
     them, always aligned."""
-    ints = ["n_tensors", "lr_table_len", "wd_table_len", "SIZE_CLASS", *int_args]
+    ints = ["n_tensors", "lr_table_len", "wd_table_len", "rounding_seed", "SIZE_CLASS", *int_args]
     pointers = ["lr_table_ptr", "wd_table_ptr", "schedule_step_ptr", "grad_scale_ptr", "found_inf_ptr", "clip_coef_ptr",
-                *pointer_args]
+                "rounding_step_ptr", *pointer_args]
     return dict(do_not_specialize=ints, do_not_specialize_on_alignment=pointers)
 
 
@@ -118,6 +138,8 @@ TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
+# storage dtypes of states: the float dtypes, and 8-bit codes
+TL_STATE_DTYPES = {**TL_DTYPES, torch.uint8: tl.uint8}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -258,8 +280,8 @@ _DUMMIES: Dict[torch.device, Dict[str, torch.Tensor]] = {}
 
 
 def _dummies(device: torch.device) -> Dict[str, torch.Tensor]:
-    """Read-only two-element tensors with the neutral value of each control, never written by any kernel. All
-    are made at the first call on a device, which is eager (a first call during capture fails earlier, on its
+    """Read-only two-element tensors with the neutral value of each control, and the codec's constants table,
+    never written by any kernel. All are made at the first call on a device, which is eager (a first call during capture fails earlier, on its
     work table): one made during a capture would hold its value only once the graph has been replayed."""
     if device not in _DUMMIES:
         _DUMMIES[device] = dict(
@@ -268,6 +290,8 @@ def _dummies(device: torch.device) -> Dict[str, torch.Tensor]:
             grad_scale=torch.ones(2, dtype=torch.float32, device=device),
             found_inf=torch.zeros(2, dtype=torch.float32, device=device),
             clip_coef=torch.ones(2, dtype=torch.float32, device=device),
+            # the small-state codec's per-slot constants (_codec.table_values), read by every 8-bit launch
+            codec=torch.tensor(_codec.table_values(), dtype=torch.float32, device=device),
         )
     return _DUMMIES[device]
 
@@ -310,6 +334,127 @@ def controls(op: str, device: torch.device, lr_table, mom_table, schedule_step, 
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Small state (state_absmaxes / rounding / rounding_step, as the C++ ops take them; csrc/fusedopt/op_args.h
+# check_small_states and check_rounding): each tensor's states have one format, a constexpr of the kernels, so
+# a call runs one launch per format among its tensors (an 8-bit optimizer keeps float32 states for tensors
+# under 4,096 elements: two launches).
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Part:
+    """The tensors of a call that share one state format (indices into the call's lists; None: all of them)."""
+
+    __slots__ = ("indices", "s_dtype", "fmt", "param_sr", "absmaxes", "streams")
+
+    def __init__(self, indices, s_dtype, fmt, param_sr, absmaxes, streams):
+        self.indices = indices
+        self.s_dtype = s_dtype  # the states' storage dtype (torch.uint8: 8-bit codes)
+        self.fmt = fmt  # FMT_PLAIN / FMT_BF16_SR / FMT_8BIT
+        self.param_sr = param_sr
+        self.absmaxes = absmaxes  # {F_ABSMAXk: absmax tensors} for 8-bit states
+        self.streams = streams  # (param index, element offset) per tensor with stochastic rounding, else None
+
+    def take(self, lst):
+        return lst if self.indices is None or not lst else [lst[i] for i in self.indices]
+
+
+def check_rounding(op: str, params, rounding, rounding_step) -> None:
+    if not rounding:
+        return
+    if len(rounding) != 1 + 2 * len(params):
+        _fail(op, ": rounding must be [seed, (param index, offset) per tensor], ", 1 + 2 * len(params),
+              " entries, got ", len(rounding))
+    if rounding_step is None:
+        _fail(op, ": stochastic rounding needs rounding_step")
+    _check_scalar_tensor(op, "rounding_step", rounding_step, params[0].device, torch.int64)
+
+
+def check_small_states(op: str, params, master_params, lists, names, state_absmaxes, stochastic: bool) -> None:
+    """op_args.h check_small_states (each tensor's states: the plain dtype, float32, bfloat16 or uint8 codes with
+    an absmax of a float32 per 256 elements, one dtype for all its states), and state_io.h's rule that only
+    float32 and bfloat16 params take states other than their plain ones."""
+    n = len(params)
+    sdtype = state_dtype(params, master_params)
+    if state_absmaxes is not None and len(state_absmaxes) != len(lists) * n:
+        _fail(op, ": state_absmaxes has ", len(state_absmaxes), " entries, expected ", len(lists) * n,
+              " (one per state list and tensor)")
+    for i in range(n):
+        shared = None
+        for l, lst in enumerate(lists):
+            if not lst:
+                continue
+            t = lst[i]
+            dtype = t.dtype
+            if state_absmaxes is not None:
+                if dtype not in (sdtype, torch.float32, torch.bfloat16, torch.uint8):
+                    _fail(op, ": ", names[l], "[", i, "] has dtype ", dtype, ", expected ", sdtype,
+                          ", float32, bfloat16 or uint8 (8-bit codes)")
+                if shared is not None and shared != dtype:
+                    _fail(op, ": the states of params[", i, "] must share one dtype, got ", shared, " and ", dtype)
+                if dtype == torch.uint8:
+                    absmax = state_absmaxes[l * n + i]
+                    blocks = -(-t.numel() // QBLOCK)
+                    if (absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() < blocks
+                            or not absmax.is_contiguous() or absmax.device != t.device):
+                        _fail(op, ": ", names[l], "[", i, "] holds 8-bit codes and needs a contiguous float32 "
+                              "absmax of at least ", blocks, " entries on its device")
+            shared = dtype
+            plain = dtype == sdtype and not (stochastic and dtype == torch.bfloat16)
+            if not plain and params[0].dtype not in (torch.float32, torch.bfloat16):
+                _fail("fusedopt: ", params[0].dtype, " params take states of their own dtype (small states run "
+                      "through the optimizers' staged path)")
+
+
+def small_state_parts(op: str, params, master_params, lists, state_absmaxes, rounding, rounding_step):
+    """(parts, rounding args) of a call: the tensors grouped by their states' format (the dtype of their first
+    state; check_small_states, run on a cache miss, makes sure the others agree), and the kernels'
+    (rounding_step, seed) when rounding is stochastic, else None. lists: the call's state lists in the op's
+    order (state list k is work-table field F_STATE0 + k), an empty list for one the call does not have."""
+    check_rounding(op, params, rounding, rounding_step)
+    on = bool(rounding)
+    sdtype = state_dtype(params, master_params)
+    if state_absmaxes is None and not on:  # plain states (the checks on a cache miss make sure): no per-tensor look
+        return [Part(None, sdtype, FMT_PLAIN, False, {}, None)], None
+    rounding_args = (rounding_step, int(rounding[0])) if on else None
+    param_sr = on and params[0].dtype == torch.bfloat16 and not master_params
+    n = len(params)
+    first = next((lst for lst in lists if lst), None)
+    groups: Dict[torch.dtype, List[int]] = {}
+    if first is None or len(first) != n:  # no states (plain SGD), or a length the checks will reject
+        groups[sdtype] = list(range(n))
+    else:
+        for i, t in enumerate(first):
+            groups.setdefault(t.dtype, []).append(i)
+    parts = []
+    for dtype, indices in groups.items():
+        fmt = FMT_8BIT if dtype == torch.uint8 else (
+            FMT_BF16_SR if on and dtype == torch.bfloat16 else FMT_PLAIN)
+        absmaxes = {}
+        if fmt == FMT_8BIT and state_absmaxes is not None and len(state_absmaxes) == len(lists) * n:
+            for k, lst in enumerate(lists):
+                if lst:
+                    absmaxes[ABSMAX_FIELD[F_STATE0 + k]] = [state_absmaxes[k * n + i] for i in indices]
+        streams = [(int(rounding[1 + 2 * i]), int(rounding[2 + 2 * i])) for i in indices] if on else None
+        parts.append(Part(None if len(groups) == 1 else indices, dtype if dtype in TL_STATE_DTYPES else sdtype,
+                          fmt, param_sr, absmaxes, streams))
+    return parts, rounding_args
+
+
+def plan_parts(op: str, parts, fields: Dict[int, Sequence[torch.Tensor]], steps, grads, validate):
+    """get_plan for every part (before any launch, so that a failing check modifies nothing); `validate`, the
+    checks of the whole call, runs at most once, at the first cache miss."""
+    done = []
+
+    def once():
+        if not done:
+            validate()
+            done.append(True)
+
+    return [get_plan(op, {f: part.take(lst) for f, lst in fields.items()}, part.take(steps) if steps else steps,
+                     part.take(grads), once, part.absmaxes, part.streams) for part in parts]
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Work tables: the layout (everything but the grads) and the grad-address vectors
 # ------------------------------------------------------------------------------------------------------------
 
@@ -334,7 +479,7 @@ class Layout:
 
     __slots__ = ("rows", "n_rows", "step_table", "n_tensors", "done", "pad", "aligned", "total", "size_class",
                  "field_dtypes", "grad_dtype", "has_steps", "device", "captured", "nbytes", "grad_vectors",
-                 "staging", "streams")
+                 "staging", "streams", "absmax_fields")
 
 
 def size_class(total: int) -> int:
@@ -343,24 +488,30 @@ def size_class(total: int) -> int:
     return max(12, min(22, (max(total, 1) - 1).bit_length()))
 
 
-def _rows_small(fields, numels, chunk, pad_addr, grad_itemsize):
+def _rows_small(fields, numels, chunk, pad_addr, grad_itemsize, absmaxes, streams):
     """The rows as a flat Python list (fast for the few hundred rows of a typical call)."""
     flat = []
-    lists = [(field, [t.data_ptr() for t in lst], lst[0].element_size()) for field, lst in fields.items()]
+    # (field, addresses, bytes per `per` elements): absmax has one float32 per QBLOCK elements (and chunk is a
+    # multiple of QBLOCK when there is one)
+    lists = [(field, [t.data_ptr() for t in lst], lst[0].element_size(), 1) for field, lst in fields.items()]
+    lists += [(field, [t.data_ptr() for t in lst], 4, QBLOCK) for field, lst in absmaxes.items()]
     template = [pad_addr] * ROW
     for i, n in enumerate(numels):
+        stream, offset = streams[i] if streams else (0, 0)
         for start in range(0, n, chunk):
             row = template.copy()
-            for field, addrs, size in lists:
-                row[field] = addrs[i] + start * size
+            for field, addrs, size, per in lists:
+                row[field] = addrs[i] + (start // per) * size
             row[F_TENSOR] = i
             row[F_GRAD_OFFSET] = start * grad_itemsize
             row[F_NUMEL] = min(chunk, n - start)
+            row[F_ELEMENT] = offset + start
+            row[F_STREAM] = 4 * stream
             flat.extend(row)
     return torch.tensor(flat, dtype=torch.int64).reshape(-1, ROW)
 
 
-def _rows_large(fields, numels, chunk, pad_addr, grad_itemsize):
+def _rows_large(fields, numels, chunk, pad_addr, grad_itemsize, absmaxes, streams):
     """The rows with vectorized tensor ops (for calls with many thousands of rows)."""
     numels_t = torch.tensor(numels, dtype=torch.int64)
     n_chunks = (numels_t + chunk - 1) // chunk
@@ -372,9 +523,16 @@ def _rows_large(fields, numels, chunk, pad_addr, grad_itemsize):
     for field, lst in fields.items():
         base = torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64)
         rows[:, field] = base[tensor_of_row] + start * lst[0].element_size()
+    for field, lst in absmaxes.items():
+        base = torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64)
+        rows[:, field] = base[tensor_of_row] + (start // QBLOCK) * 4
     rows[:, F_TENSOR] = tensor_of_row
     rows[:, F_GRAD_OFFSET] = start * grad_itemsize
     rows[:, F_NUMEL] = torch.clamp(numels_t[tensor_of_row] - start, max=chunk)
+    stream_of = torch.tensor([s for s, _ in streams] if streams else [0] * len(numels), dtype=torch.int64)
+    offset_of = torch.tensor([o for _, o in streams] if streams else [0] * len(numels), dtype=torch.int64)
+    rows[:, F_ELEMENT] = offset_of[tensor_of_row] + start
+    rows[:, F_STREAM] = 4 * stream_of[tensor_of_row]
     return rows
 
 
@@ -434,8 +592,16 @@ def _aligned(tensors) -> bool:
 
 
 def build_layout(fields: Dict[int, Sequence[torch.Tensor]], steps: Optional[Sequence[torch.Tensor]],
-                 device: torch.device, chunk: Optional[int] = None) -> Layout:
+                 device: torch.device, chunk: Optional[int] = None,
+                 absmaxes: Optional[Dict[int, Sequence[torch.Tensor]]] = None,
+                 streams: Optional[Sequence[Tuple[int, int]]] = None) -> Layout:
+    """The work table of these tensors. absmaxes: {F_ABSMAXk: the absmax of each tensor's 8-bit state k}, which
+    makes every row start at a multiple of QBLOCK (the format's blocks); streams: (param index, element offset of
+    the local shard in the full tensor) per tensor, for stochastic rounding."""
+    absmaxes = absmaxes or {}
     chunk = CHUNK if chunk is None else chunk
+    if absmaxes:
+        chunk = -(-chunk // QBLOCK) * QBLOCK
     params = fields[F_PARAM]
     numels = [p.numel() for p in params]
     n_rows = sum(-(-n // chunk) for n in numels)
@@ -445,12 +611,12 @@ def build_layout(fields: Dict[int, Sequence[torch.Tensor]], steps: Optional[Sequ
     if n_rows == 0:
         # every tensor is empty: one row with no elements, so that one program still runs (AdamW's steps)
         rows = torch.full((1, ROW), pad_addr, dtype=torch.int64)
-        rows[0, F_TENSOR] = rows[0, F_GRAD_OFFSET] = rows[0, F_NUMEL] = 0
+        rows[0, F_TENSOR] = rows[0, F_GRAD_OFFSET] = rows[0, F_NUMEL] = rows[0, F_ELEMENT] = rows[0, F_STREAM] = 0
         n_rows = 1
     elif n_rows <= 4096:
-        rows = _rows_small(fields, numels, chunk, pad_addr, grad_itemsize)
+        rows = _rows_small(fields, numels, chunk, pad_addr, grad_itemsize, absmaxes, streams)
     else:
-        rows = _rows_large(fields, numels, chunk, pad_addr, grad_itemsize)
+        rows = _rows_large(fields, numels, chunk, pad_addr, grad_itemsize, absmaxes, streams)
 
     layout = Layout()
     layout.captured = False
@@ -462,14 +628,17 @@ def build_layout(fields: Dict[int, Sequence[torch.Tensor]], steps: Optional[Sequ
     layout.step_table = _to_device(_step_table(steps), device) if steps else pad
     layout.done = torch.zeros(1, dtype=torch.int32, device=device)
     # 16-byte alignment of every address lets the compiled kernel use 128-bit loads and stores; row offsets
-    # are multiples of chunk * itemsize (16 bytes or more when chunk % 8 == 0), so the tensors' own
-    # addresses decide (the grads' are checked per grad vector).
-    layout.aligned = chunk % 8 == 0 and all(_aligned(lst) for lst in fields.values())
+    # are multiples of chunk * itemsize (16 bytes or more when chunk * itemsize % 16 == 0: chunk % 8 for 2-byte
+    # elements, chunk % 16 for 8-bit codes), so the tensors' own addresses decide (the grads' are checked per
+    # grad vector). The absmax pointers are never assumed aligned.
+    smallest = min([grad_itemsize] + [lst[0].element_size() for lst in fields.values()])
+    layout.aligned = (chunk * smallest) % 16 == 0 and all(_aligned(lst) for lst in fields.values())
     layout.total = sum(numels)
     layout.size_class = size_class(layout.total)
     layout.field_dtypes = {field: lst[0].dtype for field, lst in fields.items()}
     layout.grad_dtype = params[0].dtype
     layout.has_steps = bool(steps)
+    layout.absmax_fields = tuple(absmaxes)
     layout.nbytes = rows.numel() * 8 + (3 * len(steps) * 8 if steps else 0)
     layout.grad_vectors = collections.OrderedDict()
     layout.staging = _staging(len(params), device)
@@ -500,24 +669,29 @@ def _grad_vector(op: str, layout: Layout, grads: Sequence[torch.Tensor], capturi
 _LAYOUTS: "collections.OrderedDict[tuple, Layout]" = collections.OrderedDict()
 
 
-def layout_key(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps) -> tuple:
+def layout_key(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps, absmaxes=None, streams=None) -> tuple:
     params = fields[F_PARAM]
     key = [op, CHUNK, params[0].device, tuple(p.numel() for p in params)]
     for field, lst in fields.items():
         key.append((field, lst[0].dtype if lst else None, tuple(t.data_ptr() for t in lst)))
     if steps:
         key.append(tuple(s.data_ptr() for s in steps))
+    for field, lst in (absmaxes or {}).items():
+        key.append((field, tuple(t.data_ptr() for t in lst)))
+    if streams:
+        key.append(tuple(streams))
     return tuple(key)
 
 
 def get_plan(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps, grads: Sequence[torch.Tensor],
-             validate) -> Tuple[Layout, GradVector]:
-    """The cached layout and grad vector for these tensors. On a miss `validate()` runs the full list checks
-    (the grads' included) first; nothing is built or copied while the tensors stay where they are."""
+             validate, absmaxes=None, streams=None) -> Tuple[Layout, GradVector]:
+    """The cached layout and grad vector for these tensors (absmaxes, streams: see build_layout). On a miss
+    `validate()` runs the full list checks (the grads' included) first; nothing is built or copied while the
+    tensors stay where they are."""
     params = fields[F_PARAM]
     device = params[0].device
     capturing = _capturing(device)
-    key = layout_key(op, fields, steps)
+    key = layout_key(op, fields, steps, absmaxes, streams)
     layout = _LAYOUTS.get(key)
     missed = layout is None
     if missed:
@@ -526,7 +700,7 @@ def get_plan(op: str, fields: Dict[int, Sequence[torch.Tensor]], steps, grads: S
             _fail(op, ": the Triton backend met new params or states during CUDA-graph capture and cannot copy its "
                   "work table to the device now; run one step with the same params and states before capturing "
                   "(torch's capture recipe warms up on a side stream first)")
-        layout = build_layout(fields, steps, device)
+        layout = build_layout(fields, steps, device, absmaxes=absmaxes, streams=streams)
         _LAYOUTS[key] = layout
     else:
         _LAYOUTS.move_to_end(key)
@@ -610,14 +784,18 @@ def bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def common_meta(params, master_params) -> dict:
+def common_meta(params, master_params, part: Optional["Part"] = None) -> dict:
+    """The constexprs every kernel takes: dtypes, master weights, the states' format and the param's rounding
+    (those of `part`, else plain states of the call's state dtype rounded to nearest)."""
     p_dtype = params[0].dtype
-    s_dtype = state_dtype(params, master_params)
+    s_dtype = state_dtype(params, master_params) if part is None else part.s_dtype
     return dict(
         P_DTYPE=TL_DTYPES[p_dtype],
-        S_DTYPE=TL_DTYPES[s_dtype],
+        S_DTYPE=TL_STATE_DTYPES[s_dtype],
         T_DTYPE=tl.float64 if p_dtype == torch.float64 else tl.float32,
         HAS_MASTER=bool(master_params),
+        STATE_FORMAT=FMT_PLAIN if part is None else part.fmt,
+        PARAM_SR=False if part is None else part.param_sr,
     )
 
 
@@ -625,7 +803,8 @@ def _plan_args(layout: Layout, vector: GradVector) -> tuple:
     return (layout.rows, vector.addrs, layout.n_tensors, layout.step_table, layout.done)
 
 
-def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple, meta: dict) -> None:
+def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple, meta: dict,
+          rounding: Optional[tuple] = None) -> None:
     """Runs the autotuner once for this kernel variant and size class, on scratch buffers shaped like the call
     (one flat tensor per stream, at most TUNE_MAX_ELEMENTS elements) and with found_inf cleared, so that the
     benchmark's repeated updates touch nothing of the caller's."""
@@ -633,13 +812,14 @@ def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tu
     device = layout.device
     n = max(1, min(layout.total, TUNE_MAX_ELEMENTS))
     fields = {f: [torch.zeros(n, dtype=dt, device=device)] for f, dt in layout.field_dtypes.items()}
+    absmaxes = {f: [torch.zeros(-(-n // QBLOCK), dtype=torch.float32, device=device)] for f in layout.absmax_fields}
     grads = [torch.zeros(n, dtype=layout.grad_dtype, device=device)]
     steps = [torch.zeros((), dtype=torch.int64, device=device)] if layout.has_steps else None
-    scratch = build_layout(fields, steps, device)
+    scratch = build_layout(fields, steps, device, absmaxes=absmaxes, streams=[(0, 0)])
     scratch_vector = _grad_vector("tune", scratch, grads, False)
     ctrl_args = list(ctrl.args)
     ctrl_args[ctrl.found_inf_index] = torch.zeros(1, dtype=torch.float32, device=device)
-    args = _plan_args(scratch, scratch_vector) + tuple(ctrl_args) + scalars + (layout.size_class,)
+    args = kernel_args(scratch, scratch_vector, Controls(tuple(ctrl_args), ctrl.found_inf_index), scalars, rounding)
     _TUNING_ROWS = scratch.rows
     try:
         tuned[(scratch.n_rows,)](*args, **meta, enable_fp_fusion=False)
@@ -647,11 +827,18 @@ def _tune(tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tu
         _TUNING_ROWS = None
 
 
-def kernel_args(layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple) -> tuple:
+def kernel_args(layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple,
+                rounding: Optional[tuple] = None) -> tuple:
     """The positional arguments every kernel takes: the work table, the grad vector, the step table, the
-    controls, the float64 hyperparameters (lr and momentum/beta1 first, then the rule's own, then its runtime
-    flags) and the size class."""
-    return _plan_args(layout, vector) + ctrl.args + scalars + (layout.size_class,)
+    controls, the rounding stream (rounding_step_ptr, rounding_seed: small_state_parts' rounding args, a
+    neutral pair without stochastic rounding), the codec's constants table (codec_ptr), the float64
+    hyperparameters (lr and momentum/beta1 first, then the rule's own, then its runtime flags) and the size
+    class."""
+    dummies = _dummies(layout.device)
+    if rounding is None:
+        rounding = (dummies["schedule_step"], 0)
+    return (_plan_args(layout, vector) + ctrl.args + tuple(rounding) + (dummies["codec"],) + scalars
+            + (layout.size_class,))
 
 
 def kernel_meta(layout: Layout, vector: GradVector, meta: dict) -> dict:
@@ -667,11 +854,13 @@ def _not_loaded(kernel, meta: dict) -> None:
           "dtypes and optimizer options (and the same autotuning setting) before capturing")
 
 
-def launch(kernel, tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple, meta: dict) -> None:
+def launch(kernel, tuned, layout: Layout, vector: GradVector, ctrl: Controls, scalars: tuple, meta: dict,
+           rounding: Optional[tuple] = None) -> None:
     """One launch of `kernel` over the layout's rows (autotuned with `tuned` on a GPU). During CUDA-graph
-    capture only a variant already launched eagerly may run (see the module docstring)."""
+    capture only a variant already launched eagerly may run (see the module docstring). rounding: the
+    (rounding_step, seed) of small_state_parts (None: round to nearest)."""
     meta = kernel_meta(layout, vector, meta)
-    args = kernel_args(layout, vector, ctrl, scalars)
+    args = kernel_args(layout, vector, ctrl, scalars, rounding)
     grid = (layout.n_rows,)
     device = layout.device
     capturing = _capturing(device)
@@ -680,7 +869,10 @@ def launch(kernel, tuned, layout: Layout, vector: GradVector, ctrl: Controls, sc
         # nothing is compiled, but the capture rule is enforced alike, so CPU tests can check it
         if capturing and variant + ("interpreter",) not in _LAUNCHED:
             _not_loaded(kernel, meta)
-        kernel[grid](*args, **meta, BLOCK=INTERPRET_BLOCK)
+        block = INTERPRET_BLOCK
+        if meta.get("STATE_FORMAT", 0) == FMT_8BIT:  # blocks of elements must be whole quantization blocks
+            block = -(-block // QBLOCK) * QBLOCK
+        kernel[grid](*args, **meta, BLOCK=block)
         _LAUNCHED.add(variant + ("interpreter",))
         return
     with torch.cuda.device(device):
@@ -696,7 +888,7 @@ def launch(kernel, tuned, layout: Layout, vector: GradVector, ctrl: Controls, sc
             return
         if AUTOTUNE:
             if tune_key not in _TUNED:
-                _tune(tuned, layout, vector, ctrl, scalars, meta)
+                _tune(tuned, layout, vector, ctrl, scalars, meta, rounding)
                 _TUNED.add(tune_key)
             tuned[grid](*args, **meta, enable_fp_fusion=False)
         else:

@@ -24,16 +24,16 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedopt.triton import adamw, lion, sgd  # noqa: E402
+from fusedopt.triton import _codec, adamw, lion, sgd  # noqa: E402
 
 POINTERS = {
     "rows_ptr": "*i64", "grad_addrs_ptr": "*i64", "step_table_ptr": "*i64", "done_ptr": "*i32",
     "lr_table_ptr": "*fp64", "beta1_table_ptr": "*fp64", "momentum_table_ptr": "*fp64",
     "schedule_step_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32",
-    "wd_table_ptr": "*fp64",
+    "wd_table_ptr": "*fp64", "rounding_step_ptr": "*i64", "codec_ptr": "*fp32",
 }
 ANNOTATED = {"n_tensors": "i64", "lr_table_len": "i64", "beta1_table_len": "i64", "momentum_table_len": "i64",
-             "wd_table_len": "i64", "SIZE_CLASS": "i32", "first_step": "i32"}
+             "wd_table_len": "i64", "SIZE_CLASS": "i32", "first_step": "i32", "rounding_seed": "i64"}
 
 
 def signature(kernel, constexprs):
@@ -86,18 +86,29 @@ def check(kernel, constexprs, capability=90, num_warps=4):
 
 
 def variants():
-    f32, bf16, f16, f64 = tl.float32, tl.bfloat16, tl.float16, tl.float64
+    f32, bf16, f16, f64, u8 = tl.float32, tl.bfloat16, tl.float16, tl.float64, tl.uint8
+    PLAIN, SR, Q8 = int(_codec.FMT_PLAIN), int(_codec.FMT_BF16_SR), int(_codec.FMT_8BIT)
     for p, s, t, master in ((f32, f32, f32, False), (bf16, f32, f32, True), (f16, f16, f32, False),
                             (f64, f64, f64, False)):
-        dt = dict(P_DTYPE=p, S_DTYPE=s, T_DTYPE=t, HAS_MASTER=master, ALIGNED=True, SOFT_BF16=False, BLOCK=1024)
+        dt = dict(P_DTYPE=p, S_DTYPE=s, T_DTYPE=t, HAS_MASTER=master, ALIGNED=True, SOFT_BF16=False,
+                  STATE_FORMAT=PLAIN, PARAM_SR=False, BLOCK=1024)
         yield adamw.adamw_kernel, dict(dt, AMSGRAD=True, MAXIMIZE=True, DECOUPLED=True)
         yield adamw.adamw_kernel, dict(dt, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False)
         yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False)
         yield lion.lion_kernel, dict(dt)
-    dt = dict(P_DTYPE=f32, S_DTYPE=f32, T_DTYPE=f32, HAS_MASTER=False, ALIGNED=False, SOFT_BF16=False, BLOCK=512)
+    dt = dict(P_DTYPE=f32, S_DTYPE=f32, T_DTYPE=f32, HAS_MASTER=False, ALIGNED=False, SOFT_BF16=False,
+              STATE_FORMAT=PLAIN, PARAM_SR=False, BLOCK=512)
     yield adamw.adamw_kernel, dict(dt, AMSGRAD=False, MAXIMIZE=False, DECOUPLED=True)
     yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=False, NESTEROV=False, MAXIMIZE=True)
     yield sgd.sgd_kernel, dict(dt, USE_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False)
+    # small state (fusedopt/triton/_codec.py): 8-bit states (float32 params; bfloat16 params rounded
+    # stochastically), bfloat16 states and params rounded stochastically
+    small = dict(T_DTYPE=f32, HAS_MASTER=False, ALIGNED=True, SOFT_BF16=False, BLOCK=1024)
+    yield adamw.adamw_kernel, dict(small, P_DTYPE=f32, S_DTYPE=u8, STATE_FORMAT=Q8, PARAM_SR=False, AMSGRAD=True,
+                                   MAXIMIZE=False, DECOUPLED=True)
+    yield sgd.sgd_kernel, dict(small, P_DTYPE=bf16, S_DTYPE=u8, STATE_FORMAT=Q8, PARAM_SR=True, USE_MOMENTUM=True,
+                               NESTEROV=True, MAXIMIZE=False)
+    yield lion.lion_kernel, dict(small, P_DTYPE=bf16, S_DTYPE=bf16, STATE_FORMAT=SR, PARAM_SR=True)
 
 
 if __name__ == "__main__":
