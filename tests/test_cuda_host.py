@@ -192,7 +192,8 @@ class Group:
         self.steps = [torch.zeros((), dtype=torch.int64) for _ in specs] if rule == "adamw" else []
 
     def clone(self):
-        other = object.__new__(Group)
+        """A deep copy with every tensor's strides and storage offset kept (the kernels see the same layout)."""
+        other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
 
         def cp(t):
@@ -850,19 +851,8 @@ class SmallGroup:
         self.rounding_step = torch.tensor(3, dtype=torch.int64) if stochastic else None
 
     def clone(self):
-        other = object.__new__(SmallGroup)
-        other.__dict__.update(self.__dict__)
-
-        def cp(t):
-            c = t.new_zeros(t.numel() + t.storage_offset()).as_strided(t.size(), t.stride(), t.storage_offset())
-            return c.copy_(t)
-
-        other.params = [cp(t) for t in self.params]
-        other.grads = [cp(t) for t in self.grads]
-        other.master_params = [cp(t) for t in self.master_params]
-        other.states = [[cp(t) for t in st] for st in self.states]
+        other = Group.clone(self)  # params, grads, master params, states, steps
         other.absmaxes = [t.clone() for t in self.absmaxes]
-        other.steps = [t.clone() for t in self.steps]
         other.rounding_step = None if self.rounding_step is None else self.rounding_step.clone()
         return other
 
