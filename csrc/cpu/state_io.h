@@ -141,51 +141,80 @@ const float* decode_table() {
 }
 
 // encode_8bit of len normalized values (x * inv) into codes: the codec's encoder spelled with AVX2 intrinsics,
-// 8 lanes at once, the same float32 operations in the same order (tests/test_quantization.py checks it against
-// the scalar encoder for every float32 pattern class). GCC does not vectorize the scalar encoder (it threads the
-// per-slot table reads into branches); here the 8-entry tables are register permutes.
+// 8 lanes at once, giving the same codes (tests/test_quantization.py checks it against the scalar encoder for
+// every float32 pattern class; it was also compared for all 2^32 float32 inputs when written). GCC does not
+// vectorize the scalar encoder (it threads the per-slot table reads into branches); here the 8-entry tables are
+// register permutes. Where it departs from the scalar spelling, the result is provably the same:
+//   - the candidate k0 = clamp(floor(y), 0, kmax) is taken as clamp(trunc(y), 0, kmax) in integers: trunc and
+//     floor differ only for y < 0, where both clamp to 0 (y is bounded for every lane that is not `one`, whose
+//     result is replaced; y is NaN only in those lanes, and then the integer is clamped like any other);
+//   - first + k0 + up is summed in integers (small integers: exact in float32 too);
+//   - the sign: 127 + m / 127 - min(m, 127) (signed) and m / 0 (unsigned, q < 0) are zp + sign(m, q): the
+//     only negative result, 127 - 128 = -1 (signed) or -m (unsigned), saturates to code 0 in the pack to
+//     bytes, as the min / select gave; q = +-0 has m = 0 either way.
+// The loop packs 32 codes per store (the per-8 pack of 8 dwords to 8 bytes costs as much as the encoding).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FUSEDOPT_HAVE_AVX2_ENCODER 1  // and decoder, absmax
 template <typename Map>
+struct Avx2Encoder {
+  __m256 base, step, recip, midbase, inv;
+  __m256i first, kmax, zero_point, one_code;
+  __m256i catchment[8];
+
+  __attribute__((target("avx2"))) explicit Avx2Encoder(float inv_absmax) {
+    const codec::MapConstants& c = Map::constants();
+    base = _mm256_loadu_ps(c.base);
+    step = _mm256_loadu_ps(c.step);
+    recip = _mm256_loadu_ps(c.recip);
+    midbase = _mm256_loadu_ps(c.midbase);
+    first = _mm256_cvttps_epi32(_mm256_loadu_ps(c.first));  // small integers in float32: exact
+    kmax = _mm256_cvttps_epi32(_mm256_loadu_ps(c.kmax));
+    zero_point = _mm256_set1_epi32(Map::kSigned ? 127 : 0);
+    one_code = _mm256_set1_epi32(c.one);
+    for (int k = 0; k < 8; ++k) catchment[k] = _mm256_set1_epi32(static_cast<int32_t>(c.catchment[k]));
+    inv = _mm256_set1_ps(inv_absmax);
+  }
+
+  // The codes of x[0..8) * inv as int32 in [-1, 255] (-1: code 0 after the saturating pack).
+  __attribute__((target("avx2"))) __m256i codes8(const float* __restrict__ x) const {
+    const __m256i bits = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(x), inv));
+    const __m256i abs_bits = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));  // signed compares: exact
+    const __m256 a = _mm256_castsi256_ps(abs_bits);
+    __m256i minus_slot = _mm256_cmpgt_epi32(abs_bits, catchment[0]);
+    for (int k = 1; k < 7; ++k) minus_slot = _mm256_add_epi32(minus_slot, _mm256_cmpgt_epi32(abs_bits, catchment[k]));
+    const __m256i slot = _mm256_sub_epi32(_mm256_setzero_si256(), minus_slot);
+    const __m256i one = _mm256_cmpgt_epi32(abs_bits, catchment[7]);
+    const __m256 y = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(a, _mm256_permutevar8x32_ps(base, slot)),
+                                                 _mm256_permutevar8x32_ps(recip, slot)),
+                                   _mm256_set1_ps(0.5f));
+    __m256i k0 = _mm256_min_epi32(_mm256_cvttps_epi32(y), _mm256_permutevar8x32_epi32(kmax, slot));
+    k0 = _mm256_max_epi32(k0, _mm256_setzero_si256());
+    // the exact midpoint between entries k0 and k0 + 1: (k0 + 1) * step + base rounds nowhere
+    const __m256 k1 = _mm256_cvtepi32_ps(_mm256_add_epi32(k0, _mm256_set1_epi32(1)));
+    const __m256 mid = _mm256_add_ps(_mm256_mul_ps(k1, _mm256_permutevar8x32_ps(step, slot)),
+                                     _mm256_permutevar8x32_ps(midbase, slot));
+    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(a, mid, _CMP_GT_OQ));  // -1 where a > mid
+    __m256i m = _mm256_sub_epi32(_mm256_add_epi32(_mm256_permutevar8x32_epi32(first, slot), k0), up);
+    m = _mm256_blendv_epi8(m, one_code, one);
+    return _mm256_add_epi32(zero_point, _mm256_sign_epi32(m, bits));
+  }
+};
+
+template <typename Map>
 __attribute__((target("avx2"))) void encode_block_avx2(const float* __restrict__ x, float inv,
                                                        uint8_t* __restrict__ out, int64_t len) {
-  const codec::MapConstants& c = Map::constants();
-  const __m256 base = _mm256_loadu_ps(c.base), step = _mm256_loadu_ps(c.step), first = _mm256_loadu_ps(c.first);
-  const __m256 recip = _mm256_loadu_ps(c.recip), kmax = _mm256_loadu_ps(c.kmax);
-  const __m256 midbase = _mm256_loadu_ps(c.midbase);
-  __m256i catchment[8];
-  for (int k = 0; k < 8; ++k) catchment[k] = _mm256_set1_epi32(static_cast<int32_t>(c.catchment[k]));
-  const __m256 vinv = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f), one_f = _mm256_set1_ps(1.0f);
-  const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(static_cast<float>(c.one));
-  const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF), v127 = _mm256_set1_epi32(127);
+  const Avx2Encoder<Map> enc(inv);
   int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m256i c0 = enc.codes8(x + j), c1 = enc.codes8(x + j + 8);
+    const __m256i c2 = enc.codes8(x + j + 16), c3 = enc.codes8(x + j + 24);
+    // the packs work per 128-bit half: the dwords of `bytes` are c0[0:4] c1[0:4] c2[0:4] c3[0:4] c0[4:8] c1[4:8] ...
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
   for (; j + 8 <= len; j += 8) {
-    const __m256 q = _mm256_mul_ps(_mm256_loadu_ps(x + j), vinv);
-    const __m256i bits = _mm256_castps_si256(q);
-    const __m256i abs_bits = _mm256_and_si256(bits, sign_mask);  // <= 0x7FFFFFFF: signed compares are exact
-    const __m256 a = _mm256_castsi256_ps(abs_bits);
-    __m256i slot = _mm256_setzero_si256();
-    for (int k = 0; k < 7; ++k) slot = _mm256_sub_epi32(slot, _mm256_cmpgt_epi32(abs_bits, catchment[k]));
-    const __m256 one = _mm256_castsi256_ps(_mm256_cmpgt_epi32(abs_bits, catchment[7]));
-    const __m256 s_base = _mm256_permutevar8x32_ps(base, slot), s_step = _mm256_permutevar8x32_ps(step, slot);
-    const __m256 s_recip = _mm256_permutevar8x32_ps(recip, slot), s_kmax = _mm256_permutevar8x32_ps(kmax, slot);
-    const __m256 s_mid = _mm256_permutevar8x32_ps(midbase, slot), s_first = _mm256_permutevar8x32_ps(first, slot);
-    __m256 k0 = _mm256_floor_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(a, s_base), s_recip), half));
-    k0 = _mm256_blendv_ps(k0, s_kmax, _mm256_cmp_ps(k0, s_kmax, _CMP_GT_OQ));
-    k0 = _mm256_blendv_ps(k0, zero, _mm256_cmp_ps(k0, zero, _CMP_LT_OQ));
-    const __m256 mid = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(k0, one_f), s_step), s_mid);
-    const __m256 up = _mm256_and_ps(_mm256_cmp_ps(a, mid, _CMP_GT_OQ), one_f);
-    const __m256 m_f = _mm256_blendv_ps(_mm256_add_ps(_mm256_add_ps(s_first, k0), up), top, one);
-    const __m256i m = _mm256_cvttps_epi32(m_f);
-    const __m256i negative = _mm256_srai_epi32(bits, 31);
-    __m256i code;
-    if constexpr (Map::kSigned) {
-      code = _mm256_blendv_epi8(_mm256_add_epi32(v127, m), _mm256_sub_epi32(v127, _mm256_min_epi32(m, v127)),
-                                negative);
-    } else {
-      code = _mm256_andnot_si256(negative, m);
-    }
-    // 8 x int32 in [0, 255] -> 8 bytes
+    const __m256i code = enc.codes8(x + j);
     const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j), _mm_packus_epi16(words, words));
   }
