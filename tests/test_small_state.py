@@ -506,6 +506,25 @@ def test_random_bits_are_the_documented_generator():
         assert got == want
 
 
+@pytest.mark.parametrize("offset", [(1 << 32) - 300, (5 << 32) + 7], ids=["crossing 2**32", "high word 5"])
+def test_cpu_stochastic_rounding_bits_at_large_element_offsets(offset):
+    """The CPU kernels compute a block's random bits in 32-bit lanes with the high word of the element index
+    folded into the key, and fall back to the 64-bit definition for a block whose indices cross a multiple of
+    2**32 (a shard offset can put one anywhere). Both against the reference generator and rounding, element by
+    element: an SGD step (no momentum, lr a power of two, so p - lr * g is one float32 rounding) on 600 bfloat16
+    params whose (DTensor-style) offset puts block 1 across 2**32, or every block in high word 5."""
+    n, seed, step, index, lr = 600, 0x1234_5678_9ABC, 3, 2, 2.0 ** -6
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(n, generator=g).to(torch.bfloat16)
+    grad = torch.randn(n, generator=g).to(torch.bfloat16)
+    exact = (p.float() + (-lr) * grad.float()).tolist()  # the float32 update before rounding
+    torch.ops.fusedopt.sgd_([p], [grad], [], [], lr, 0.0, 0.0, 0.0, False, False, False, None, None, None, None,
+                            None, None, None, None, [seed, index, offset], torch.tensor(step))
+    want = [R.bf16_round_stochastic_reference(x, R.random_bits_reference(seed, step, 4 * index, offset + i))
+            for i, x in enumerate(exact)]
+    assert p.float().tolist() == want
+
+
 def test_stochastic_rounding_is_unbiased_and_plain_rounding_is_stuck():
     """bf16 params updated by SGD steps of 1/8 of their ulp: round-to-nearest never moves them, stochastic rounding
     moves them by 1/8 ulp per step on average."""

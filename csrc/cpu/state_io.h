@@ -2,8 +2,9 @@
 // rules (fusedopt/rules.h) and shared by the adamw_, sgd_ and lion_ loops.
 //
 // The loops walk a work item in blocks of kQuantBlock (256) elements (work items start at multiples of it, and
-// blocks restart at every tensor, so they are the 8-bit format's blocks). Per block: every state slot's
-// begin_block() (8-bit: decode the codes into a float buffer that stays in L1), the rule on each element
+// blocks restart at every tensor, so they are the 8-bit format's blocks). Per block: the param's and every state
+// slot's begin_block() (8-bit: decode the codes into a float buffer that stays in L1; stochastic rounding: the
+// block's random bits), the rule on each element
 // (load -> update -> store through the slots), every slot's end_block() (8-bit: the block's new absmax, then
 // the codes). One pass over memory, whatever the formats. The formats' definitions are
 // fusedopt/state_codec.h (the same functions run in the CUDA kernels; fusedopt/triton/_codec.py mirrors them).
@@ -84,6 +85,27 @@ inline uint32_t stream_bits(const Stream& s, int64_t e) {
   return codec::random_bits(s.key, s.first_element + static_cast<uint64_t>(e));
 }
 
+// The random bits of one block of a stream, stream_bits(s, b + j) for j < len, computed before the block's
+// element loop: in 32-bit lanes (random_bits_lo with the high word of the element index folded into the key
+// once), which vectorizes, where the per-element 64-bit index kept the rounding loops slow. A block whose
+// element indices cross a multiple of 2^32 (a shard offset can put one there) takes the 64-bit definition.
+struct BlockBits {
+  alignas(64) uint32_t bits[kQuantBlock];
+
+  void fill(const Stream& s, int64_t b, int64_t len) {
+    const uint64_t first = s.first_element + static_cast<uint64_t>(b);
+    const uint32_t lo = static_cast<uint32_t>(first);
+    if (static_cast<uint64_t>(lo) + static_cast<uint64_t>(len) <= (uint64_t{1} << 32)) {
+      const uint32_t k1_high = s.key.k1 ^ static_cast<uint32_t>(first >> 32);
+      for (int64_t j = 0; j < len; ++j) {
+        bits[j] = codec::random_bits_lo(s.key.k0, k1_high, lo + static_cast<uint32_t>(j));
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) bits[j] = stream_bits(s, b + j);
+    }
+  }
+};
+
 // A math value rounded to the storage dtype S: c10's conversions, except bfloat16, which goes through the
 // codec's branch-free round-to-nearest-even (the same bits as c10::BFloat16, NaN included; c10's branch on NaN
 // keeps GCC from vectorizing the loop).
@@ -117,7 +139,8 @@ struct PlainSlot {
 struct Bf16SrSlot {
   uint16_t* __restrict__ ptr;
   Stream stream;
-  void begin_block(int64_t, int64_t) {}
+  BlockBits random;  // the block's bits, filled by begin_block
+  void begin_block(int64_t b, int64_t len) { random.fill(stream, b, len); }
   void end_block(int64_t, int64_t) {}
   template <typename T>
   T load(int64_t b, int64_t j) const {
@@ -125,7 +148,7 @@ struct Bf16SrSlot {
   }
   template <typename T>
   void store(int64_t b, int64_t j, T x) {
-    ptr[b + j] = codec::bf16_round_stochastic(static_cast<float>(x), stream_bits(stream, b + j));
+    ptr[b + j] = codec::bf16_round_stochastic(static_cast<float>(x), random.bits[j]);
   }
 };
 
@@ -351,6 +374,7 @@ template <typename P>
 struct MasterParam {
   P* __restrict__ param;
   float* __restrict__ master;
+  void begin_block(int64_t, int64_t) {}
   template <typename T>
   T load(int64_t e) const {
     return static_cast<T>(master[e]);
@@ -365,6 +389,7 @@ struct MasterParam {
 template <typename P>
 struct PlainParam {
   P* __restrict__ param;
+  void begin_block(int64_t, int64_t) {}
   template <typename T>
   T load(int64_t e) const {
     return static_cast<T>(param[e]);
@@ -378,13 +403,19 @@ struct PlainParam {
 struct SrParam {
   uint16_t* __restrict__ param;  // bfloat16 bits
   Stream stream;
+  BlockBits random;   // the block's bits, filled by begin_block
+  int64_t block = 0;  // the block's first element (of the work item)
+  void begin_block(int64_t b, int64_t len) {
+    random.fill(stream, b, len);
+    block = b;
+  }
   template <typename T>
   T load(int64_t e) const {
     return static_cast<T>(codec::bf16_to_float(param[e]));
   }
   template <typename T>
   void store(int64_t e, T p) {
-    param[e] = codec::bf16_round_stochastic(static_cast<float>(p), stream_bits(stream, e));
+    param[e] = codec::bf16_round_stochastic(static_cast<float>(p), random.bits[e - block]);
   }
 };
 
@@ -398,6 +429,7 @@ inline __attribute__((always_inline)) void for_each_element_impl(Param& param, c
                                                                  std::index_sequence<I...>) {
   for (int64_t b = 0; b < n; b += kQuantBlock) {
     const int64_t len = std::min(kQuantBlock, n - b);
+    param.begin_block(b, len);
     (std::get<I>(slots).begin_block(b, len), ...);
     for (int64_t j = 0; j < len; ++j) {
       T p = param.template load<T>(b + j);
