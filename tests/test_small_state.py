@@ -329,6 +329,33 @@ def test_cpu_encoder_equals_the_reference_on_float32_patterns():
     assert torch.equal(codes2[finite], codes[finite])  # finite blocks: decoding and re-encoding is the identity
 
 
+def test_cpu_unsigned_encoder_equals_the_reference():
+    """The unsigned map's vectorized encoder (AdamW's second moment) against the plain-torch quantizer, as the test
+    above does for the signed map. AdamW with beta1 = beta2 = 0 and lr = 0 stores exp_avg = grad (lerp weight 1)
+    and exp_avg_sq = grad * grad (one float32 rounding) on its first step. The grads are the square roots of every
+    997th float32 pattern below 1 (so the squares land on or next to those patterns: all exponents, mantissas of
+    every residue), 255 per block next to a 1.0 (absmax 1: q is the square itself), then zeros, subnormals,
+    squares that overflow to infinity, and NaNs."""
+    bits = torch.arange(0, 0x3F800000, 997, dtype=torch.int64)
+    patterns = bits.to(torch.int32).view(torch.float32)
+    roots = torch.cat([patterns.sqrt(), -patterns.sqrt()])
+    pad = (-roots.numel()) % 255
+    roots = torch.cat([roots, torch.zeros(pad)]).view(-1, 255)
+    blocks = torch.cat([roots, torch.ones(roots.shape[0], 1)], dim=1)
+    # (no infinities: lerp with weight 1 turns an infinite grad into a NaN exp_avg, as torch's lerp does)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-20, 1e-22, 3e38, float("nan")])
+    grad = torch.cat([blocks.reshape(-1), torch.zeros(256), special.repeat(32), torch.full((256,), 1e-40)])
+    param = torch.zeros_like(grad)
+    opt = fusedopt.FusedAdamW([param], lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, state_precision="8bit")
+    param.grad = grad
+    opt.step()
+    state = opt.state[param]
+    for key, value, signed in (("exp_avg", grad, True), ("exp_avg_sq", grad * grad, False)):
+        codes, absmax = Q.quantize_blockwise(value, signed=signed)
+        assert_bitwise(state[key], codes, f"{key} codes")
+        assert_bitwise(state[f"{key}_absmax"], absmax, f"{key} absmax")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Composition
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,6 +539,25 @@ def test_random_bits_are_the_documented_generator():
         got = S.random_bits(key, first, count, "cpu").tolist()
         want = [R.random_bits_reference(0x123456789ABCDEF, 77, 21, first + i) for i in range(count)]
         assert got == want
+
+
+@pytest.mark.parametrize("offset", [(1 << 32) - 300, (5 << 32) + 7], ids=["crossing 2**32", "high word 5"])
+def test_cpu_stochastic_rounding_bits_at_large_element_offsets(offset):
+    """The CPU kernels compute a block's random bits in 32-bit lanes with the high word of the element index
+    folded into the key, and fall back to the 64-bit definition for a block whose indices cross a multiple of
+    2**32 (a shard offset can put one anywhere). Both against the reference generator and rounding, element by
+    element: an SGD step (no momentum, lr a power of two, so p - lr * g is one float32 rounding) on 600 bfloat16
+    params whose (DTensor-style) offset puts block 1 across 2**32, or every block in high word 5."""
+    n, seed, step, index, lr = 600, 0x1234_5678_9ABC, 3, 2, 2.0 ** -6
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(n, generator=g).to(torch.bfloat16)
+    grad = torch.randn(n, generator=g).to(torch.bfloat16)
+    exact = (p.float() + (-lr) * grad.float()).tolist()  # the float32 update before rounding
+    torch.ops.fusedopt.sgd_([p], [grad], [], [], lr, 0.0, 0.0, 0.0, False, False, False, None, None, None, None,
+                            None, None, None, None, [seed, index, offset], torch.tensor(step))
+    want = [R.bf16_round_stochastic_reference(x, R.random_bits_reference(seed, step, 4 * index, offset + i))
+            for i, x in enumerate(exact)]
+    assert p.float().tolist() == want
 
 
 def test_stochastic_rounding_is_unbiased_and_plain_rounding_is_stuck():

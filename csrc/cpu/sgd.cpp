@@ -1,6 +1,8 @@
 // fusedopt::sgd_ on CPU: one parallel pass over every tensor of a param group.
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu/multi_tensor_cpu.h"
 #include "cpu/state_io.h"
 #include "fusedopt/op_args.h"
@@ -11,11 +13,18 @@ namespace {
 
 // One contiguous range of one tensor, walked by the shared element loop (cpu/state_io.h). The momentum buffer
 // is always loaded when it exists (it is zeroed on creation), so the first-step and Nesterov choices are
-// selects and the loop vectorizes.
-template <bool kMomentum, typename T, typename Param, typename G, typename B>
+// selects. kChoices < 0: they stay runtime selects (float32 / float64 storage: GCC vectorizes the loop with
+// them); else they are constants, first_step = bit 0, nesterov = bit 1: with bfloat16 / float16 storage GCC
+// does not if-convert a runtime bool select next to the conversions, and the loop ran scalar (with a branch
+// per element), 3-4x slower than the stream. Only the narrow dtypes get the four variants (build time).
+template <bool kMomentum, int kChoices, typename T, typename Param, typename G, typename B>
 FUSEDOPT_CPU_CLONES void sgd_range(Param param, const G* __restrict__ grad, B buf, int64_t n, SGDScalars<T> s,
                                    const GradTransform<T> transform) {
   s.use_momentum = kMomentum;
+  if constexpr (kChoices >= 0) {
+    s.first_step = (kChoices & 1) != 0;
+    s.nesterov = (kChoices & 2) != 0;
+  }
   for_each_element<T>(param, grad, n, transform, [&](T& p, T g, T* st) { sgd_update(p, g, st[0], s); }, buf);
 }
 
@@ -31,14 +40,23 @@ void sgd_typed(TensorList params, TensorList grads, TensorList momentum_buffers,
     const int64_t n = end - begin;
     dispatch_param<P, S>(params[i], master ? &master_params[i] : nullptr, begin, rounding, i, [&](auto param) {
       if (!s.use_momentum) {
-        sgd_range<false, T>(param, grad, NoSlot{}, n, s, transform);
+        sgd_range<false, -1, T>(param, grad, NoSlot{}, n, s, transform);
         return;
       }
       dispatch_format<P, S>(state_format(momentum_buffers[i], plain, rounding.on), [&](auto format) {
         using F = decltype(format);
         auto buf = F::template make<codec::SignedMap>(momentum_buffers[i], absmax_of(absmaxes, params.size(), 0, i),
                                                       begin, rounding.on ? rounding.stream(i, 1, begin) : Stream{});
-        sgd_range<true, T>(param, grad, buf, n, s, transform);
+        if constexpr (std::is_same_v<P, float> || std::is_same_v<P, double>) {
+          sgd_range<true, -1, T>(param, grad, buf, n, s, transform);
+        } else {
+          switch (int{s.first_step} + 2 * int{s.nesterov}) {
+            case 0: sgd_range<true, 0, T>(param, grad, buf, n, s, transform); break;
+            case 1: sgd_range<true, 1, T>(param, grad, buf, n, s, transform); break;
+            case 2: sgd_range<true, 2, T>(param, grad, buf, n, s, transform); break;
+            default: sgd_range<true, 3, T>(param, grad, buf, n, s, transform); break;
+          }
+        }
       });
     });
   });

@@ -2,8 +2,9 @@
 // rules (fusedopt/rules.h) and shared by the adamw_, sgd_ and lion_ loops.
 //
 // The loops walk a work item in blocks of kQuantBlock (256) elements (work items start at multiples of it, and
-// blocks restart at every tensor, so they are the 8-bit format's blocks). Per block: every state slot's
-// begin_block() (8-bit: decode the codes into a float buffer that stays in L1), the rule on each element
+// blocks restart at every tensor, so they are the 8-bit format's blocks). Per block: the param's and every state
+// slot's begin_block() (8-bit: decode the codes into a float buffer that stays in L1; stochastic rounding: the
+// block's random bits), the rule on each element
 // (load -> update -> store through the slots), every slot's end_block() (8-bit: the block's new absmax, then
 // the codes). One pass over memory, whatever the formats. The formats' definitions are
 // fusedopt/state_codec.h (the same functions run in the CUDA kernels; fusedopt/triton/_codec.py mirrors them).
@@ -84,6 +85,27 @@ inline uint32_t stream_bits(const Stream& s, int64_t e) {
   return codec::random_bits(s.key, s.first_element + static_cast<uint64_t>(e));
 }
 
+// The random bits of one block of a stream, stream_bits(s, b + j) for j < len, computed before the block's
+// element loop: in 32-bit lanes (random_bits_lo with the high word of the element index folded into the key
+// once), which vectorizes, where the per-element 64-bit index kept the rounding loops slow. A block whose
+// element indices cross a multiple of 2^32 (a shard offset can put one there) takes the 64-bit definition.
+struct BlockBits {
+  alignas(64) uint32_t bits[kQuantBlock];
+
+  void fill(const Stream& s, int64_t b, int64_t len) {
+    const uint64_t first = s.first_element + static_cast<uint64_t>(b);
+    const uint32_t lo = static_cast<uint32_t>(first);
+    if (static_cast<uint64_t>(lo) + static_cast<uint64_t>(len) <= (uint64_t{1} << 32)) {
+      const uint32_t k1_high = s.key.k1 ^ static_cast<uint32_t>(first >> 32);
+      for (int64_t j = 0; j < len; ++j) {
+        bits[j] = codec::random_bits_lo(s.key.k0, k1_high, lo + static_cast<uint32_t>(j));
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) bits[j] = stream_bits(s, b + j);
+    }
+  }
+};
+
 // A math value rounded to the storage dtype S: c10's conversions, except bfloat16, which goes through the
 // codec's branch-free round-to-nearest-even (the same bits as c10::BFloat16, NaN included; c10's branch on NaN
 // keeps GCC from vectorizing the loop).
@@ -117,7 +139,8 @@ struct PlainSlot {
 struct Bf16SrSlot {
   uint16_t* __restrict__ ptr;
   Stream stream;
-  void begin_block(int64_t, int64_t) {}
+  BlockBits random;  // the block's bits, filled by begin_block
+  void begin_block(int64_t b, int64_t len) { random.fill(stream, b, len); }
   void end_block(int64_t, int64_t) {}
   template <typename T>
   T load(int64_t b, int64_t j) const {
@@ -125,7 +148,7 @@ struct Bf16SrSlot {
   }
   template <typename T>
   void store(int64_t b, int64_t j, T x) {
-    ptr[b + j] = codec::bf16_round_stochastic(static_cast<float>(x), stream_bits(stream, b + j));
+    ptr[b + j] = codec::bf16_round_stochastic(static_cast<float>(x), random.bits[j]);
   }
 };
 
@@ -141,51 +164,80 @@ const float* decode_table() {
 }
 
 // encode_8bit of len normalized values (x * inv) into codes: the codec's encoder spelled with AVX2 intrinsics,
-// 8 lanes at once, the same float32 operations in the same order (tests/test_quantization.py checks it against
-// the scalar encoder for every float32 pattern class). GCC does not vectorize the scalar encoder (it threads the
-// per-slot table reads into branches); here the 8-entry tables are register permutes.
+// 8 lanes at once, giving the same codes (tests/test_quantization.py checks it against the scalar encoder for
+// every float32 pattern class; it was also compared for all 2^32 float32 inputs when written). GCC does not
+// vectorize the scalar encoder (it threads the per-slot table reads into branches); here the 8-entry tables are
+// register permutes. Where it departs from the scalar spelling, the result is provably the same:
+//   - the candidate k0 = clamp(floor(y), 0, kmax) is taken as clamp(trunc(y), 0, kmax) in integers: trunc and
+//     floor differ only for y < 0, where both clamp to 0 (y is bounded for every lane that is not `one`, whose
+//     result is replaced; y is NaN only in those lanes, and then the integer is clamped like any other);
+//   - first + k0 + up is summed in integers (small integers: exact in float32 too);
+//   - the sign: 127 + m / 127 - min(m, 127) (signed) and m / 0 (unsigned, q < 0) are zp + sign(m, q): the
+//     only negative result, 127 - 128 = -1 (signed) or -m (unsigned), saturates to code 0 in the pack to
+//     bytes, as the min / select gave; q = +-0 has m = 0 either way.
+// The loop packs 32 codes per store (the per-8 pack of 8 dwords to 8 bytes costs as much as the encoding).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FUSEDOPT_HAVE_AVX2_ENCODER 1  // and decoder, absmax
 template <typename Map>
+struct Avx2Encoder {
+  __m256 base, step, recip, midbase, inv;
+  __m256i first, kmax, zero_point, one_code;
+  __m256i catchment[8];
+
+  __attribute__((target("avx2"))) explicit Avx2Encoder(float inv_absmax) {
+    const codec::MapConstants& c = Map::constants();
+    base = _mm256_loadu_ps(c.base);
+    step = _mm256_loadu_ps(c.step);
+    recip = _mm256_loadu_ps(c.recip);
+    midbase = _mm256_loadu_ps(c.midbase);
+    first = _mm256_cvttps_epi32(_mm256_loadu_ps(c.first));  // small integers in float32: exact
+    kmax = _mm256_cvttps_epi32(_mm256_loadu_ps(c.kmax));
+    zero_point = _mm256_set1_epi32(Map::kSigned ? 127 : 0);
+    one_code = _mm256_set1_epi32(c.one);
+    for (int k = 0; k < 8; ++k) catchment[k] = _mm256_set1_epi32(static_cast<int32_t>(c.catchment[k]));
+    inv = _mm256_set1_ps(inv_absmax);
+  }
+
+  // The codes of x[0..8) * inv as int32 in [-1, 255] (-1: code 0 after the saturating pack).
+  __attribute__((target("avx2"))) __m256i codes8(const float* __restrict__ x) const {
+    const __m256i bits = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(x), inv));
+    const __m256i abs_bits = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));  // signed compares: exact
+    const __m256 a = _mm256_castsi256_ps(abs_bits);
+    __m256i minus_slot = _mm256_cmpgt_epi32(abs_bits, catchment[0]);
+    for (int k = 1; k < 7; ++k) minus_slot = _mm256_add_epi32(minus_slot, _mm256_cmpgt_epi32(abs_bits, catchment[k]));
+    const __m256i slot = _mm256_sub_epi32(_mm256_setzero_si256(), minus_slot);
+    const __m256i one = _mm256_cmpgt_epi32(abs_bits, catchment[7]);
+    const __m256 y = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(a, _mm256_permutevar8x32_ps(base, slot)),
+                                                 _mm256_permutevar8x32_ps(recip, slot)),
+                                   _mm256_set1_ps(0.5f));
+    __m256i k0 = _mm256_min_epi32(_mm256_cvttps_epi32(y), _mm256_permutevar8x32_epi32(kmax, slot));
+    k0 = _mm256_max_epi32(k0, _mm256_setzero_si256());
+    // the exact midpoint between entries k0 and k0 + 1: (k0 + 1) * step + base rounds nowhere
+    const __m256 k1 = _mm256_cvtepi32_ps(_mm256_add_epi32(k0, _mm256_set1_epi32(1)));
+    const __m256 mid = _mm256_add_ps(_mm256_mul_ps(k1, _mm256_permutevar8x32_ps(step, slot)),
+                                     _mm256_permutevar8x32_ps(midbase, slot));
+    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(a, mid, _CMP_GT_OQ));  // -1 where a > mid
+    __m256i m = _mm256_sub_epi32(_mm256_add_epi32(_mm256_permutevar8x32_epi32(first, slot), k0), up);
+    m = _mm256_blendv_epi8(m, one_code, one);
+    return _mm256_add_epi32(zero_point, _mm256_sign_epi32(m, bits));
+  }
+};
+
+template <typename Map>
 __attribute__((target("avx2"))) void encode_block_avx2(const float* __restrict__ x, float inv,
                                                        uint8_t* __restrict__ out, int64_t len) {
-  const codec::MapConstants& c = Map::constants();
-  const __m256 base = _mm256_loadu_ps(c.base), step = _mm256_loadu_ps(c.step), first = _mm256_loadu_ps(c.first);
-  const __m256 recip = _mm256_loadu_ps(c.recip), kmax = _mm256_loadu_ps(c.kmax);
-  const __m256 midbase = _mm256_loadu_ps(c.midbase);
-  __m256i catchment[8];
-  for (int k = 0; k < 8; ++k) catchment[k] = _mm256_set1_epi32(static_cast<int32_t>(c.catchment[k]));
-  const __m256 vinv = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f), one_f = _mm256_set1_ps(1.0f);
-  const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(static_cast<float>(c.one));
-  const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF), v127 = _mm256_set1_epi32(127);
+  const Avx2Encoder<Map> enc(inv);
   int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m256i c0 = enc.codes8(x + j), c1 = enc.codes8(x + j + 8);
+    const __m256i c2 = enc.codes8(x + j + 16), c3 = enc.codes8(x + j + 24);
+    // the packs work per 128-bit half: the dwords of `bytes` are c0[0:4] c1[0:4] c2[0:4] c3[0:4] c0[4:8] c1[4:8] ...
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
   for (; j + 8 <= len; j += 8) {
-    const __m256 q = _mm256_mul_ps(_mm256_loadu_ps(x + j), vinv);
-    const __m256i bits = _mm256_castps_si256(q);
-    const __m256i abs_bits = _mm256_and_si256(bits, sign_mask);  // <= 0x7FFFFFFF: signed compares are exact
-    const __m256 a = _mm256_castsi256_ps(abs_bits);
-    __m256i slot = _mm256_setzero_si256();
-    for (int k = 0; k < 7; ++k) slot = _mm256_sub_epi32(slot, _mm256_cmpgt_epi32(abs_bits, catchment[k]));
-    const __m256 one = _mm256_castsi256_ps(_mm256_cmpgt_epi32(abs_bits, catchment[7]));
-    const __m256 s_base = _mm256_permutevar8x32_ps(base, slot), s_step = _mm256_permutevar8x32_ps(step, slot);
-    const __m256 s_recip = _mm256_permutevar8x32_ps(recip, slot), s_kmax = _mm256_permutevar8x32_ps(kmax, slot);
-    const __m256 s_mid = _mm256_permutevar8x32_ps(midbase, slot), s_first = _mm256_permutevar8x32_ps(first, slot);
-    __m256 k0 = _mm256_floor_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(a, s_base), s_recip), half));
-    k0 = _mm256_blendv_ps(k0, s_kmax, _mm256_cmp_ps(k0, s_kmax, _CMP_GT_OQ));
-    k0 = _mm256_blendv_ps(k0, zero, _mm256_cmp_ps(k0, zero, _CMP_LT_OQ));
-    const __m256 mid = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(k0, one_f), s_step), s_mid);
-    const __m256 up = _mm256_and_ps(_mm256_cmp_ps(a, mid, _CMP_GT_OQ), one_f);
-    const __m256 m_f = _mm256_blendv_ps(_mm256_add_ps(_mm256_add_ps(s_first, k0), up), top, one);
-    const __m256i m = _mm256_cvttps_epi32(m_f);
-    const __m256i negative = _mm256_srai_epi32(bits, 31);
-    __m256i code;
-    if constexpr (Map::kSigned) {
-      code = _mm256_blendv_epi8(_mm256_add_epi32(v127, m), _mm256_sub_epi32(v127, _mm256_min_epi32(m, v127)),
-                                negative);
-    } else {
-      code = _mm256_andnot_si256(negative, m);
-    }
-    // 8 x int32 in [0, 255] -> 8 bytes
+    const __m256i code = enc.codes8(x + j);
     const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j), _mm_packus_epi16(words, words));
   }
@@ -322,6 +374,7 @@ template <typename P>
 struct MasterParam {
   P* __restrict__ param;
   float* __restrict__ master;
+  void begin_block(int64_t, int64_t) {}
   template <typename T>
   T load(int64_t e) const {
     return static_cast<T>(master[e]);
@@ -336,6 +389,7 @@ struct MasterParam {
 template <typename P>
 struct PlainParam {
   P* __restrict__ param;
+  void begin_block(int64_t, int64_t) {}
   template <typename T>
   T load(int64_t e) const {
     return static_cast<T>(param[e]);
@@ -349,13 +403,19 @@ struct PlainParam {
 struct SrParam {
   uint16_t* __restrict__ param;  // bfloat16 bits
   Stream stream;
+  BlockBits random;   // the block's bits, filled by begin_block
+  int64_t block = 0;  // the block's first element (of the work item)
+  void begin_block(int64_t b, int64_t len) {
+    random.fill(stream, b, len);
+    block = b;
+  }
   template <typename T>
   T load(int64_t e) const {
     return static_cast<T>(codec::bf16_to_float(param[e]));
   }
   template <typename T>
   void store(int64_t e, T p) {
-    param[e] = codec::bf16_round_stochastic(static_cast<float>(p), stream_bits(stream, e));
+    param[e] = codec::bf16_round_stochastic(static_cast<float>(p), random.bits[e - block]);
   }
 };
 
@@ -369,6 +429,7 @@ inline __attribute__((always_inline)) void for_each_element_impl(Param& param, c
                                                                  std::index_sequence<I...>) {
   for (int64_t b = 0; b < n; b += kQuantBlock) {
     const int64_t len = std::min(kQuantBlock, n - b);
+    param.begin_block(b, len);
     (std::get<I>(slots).begin_block(b, len), ...);
     for (int64_t j = 0; j < len; ++j) {
       T p = param.template load<T>(b + j);
