@@ -17,8 +17,9 @@ fast encoders are exact.
 * Blockwise round trip: each element's error is at most half the gap between the two map values around it,
   times the block's absmax (plus one float32 rounding of the decode's multiply).
 
-Runs in about 2 s (no compiled code: the kernels' encoders are checked against `breakpoints()` in
-tests/test_cuda_host.py, tests/test_small_state_kernels.py and the Triton tests).
+Runs in about 2 s (no compiled code). The kernels' encoders are checked elsewhere: the CPU kernels' (AVX2) and the
+Triton codec's against the plain-torch quantizer on float32 bit patterns in tests/test_small_state.py; the CUDA
+block bodies (state_codec.h's scalar encoder) bit for bit against the CPU kernel in tests/test_cuda_host.py.
 """
 
 from __future__ import annotations
