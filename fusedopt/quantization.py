@@ -58,8 +58,13 @@ arXiv:2110.02861), as bitsandbytes' 8-bit optimizers and torchao's ``prototype.l
 * Encoding is the nearest map value to ``q``; a tie (``q`` exactly halfway between two map values) goes to the
   value of smaller magnitude. ``q`` is compared with the exact midpoints, so the code is a function of the
   float32 ``q`` alone and identical on every backend. ``|q| > 1`` (by the rounding of ``1 / absmax``), +inf
-  and NaN encode as the largest magnitude. A negative ``q`` in the unsigned map encodes as 0 (its nearest
-  value).
+  and NaN encode as the largest magnitude of ``q``'s sign bit. A negative ``q`` in the unsigned map encodes as 0
+  (its nearest value).
+* Non-finite states (a run that has already diverged: inf / NaN grads without GradScaler): a NaN element makes
+  its block's absmax NaN, so the whole block decodes to NaN. An infinite element makes the absmax +inf and
+  ``1 / absmax`` 0: the block's finite elements encode as 0, and the infinite one as ``inf * 0`` = NaN, whose
+  sign bit is the hardware's default NaN (negative on x86 CPUs, where +inf then decodes as -inf; positive on
+  CUDA GPUs): such blocks are the one place the backends may store different codes.
 
 The fast exact encoder
 ----------------------

@@ -123,6 +123,59 @@ def test_stochastic_rounding_float16_needs_master_weights():
     fusedopt.FusedAdamW([torch.zeros(5, dtype=torch.float16)], stochastic_rounding=True, master_weights=True)
 
 
+@pytest.mark.parametrize("change,kw,match", [
+    ("double", dict(state_precision="8bit"), "is float64: state_precision='8bit'"),
+    ("half", dict(stochastic_rounding=True), "is float16: stochastic_rounding rounds bfloat16 values"),
+])
+def test_param_dtype_changed_after_construction_is_checked_at_step(change, kw, match):
+    """model.double() / .half() after construction (the optimizer follows params that change dtype) meets the
+    constructor's check at the next step, before anything is modified."""
+    model = torch.nn.Linear(80, 64)
+    opt = fusedopt.FusedAdamW(model.parameters(), lr=1e-2, **kw)
+    getattr(model, change)()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and not opt.state
+
+
+@pytest.mark.parametrize("option,value", [("state_precision", "8bit"), ("stochastic_rounding", True)])
+def test_small_state_options_are_not_param_group_keys(option, value):
+    """They are options of the whole optimizer; a group key would be silently ignored by the step."""
+    with pytest.raises(ValueError, match=f"{option} is an option of the whole optimizer"):
+        fusedopt.FusedAdamW([{"params": [torch.zeros(3)], option: value}])
+    opt = fusedopt.FusedAdamW([torch.zeros(3)])
+    with pytest.raises(ValueError, match=f"{option} is an option of the whole optimizer"):
+        opt.add_param_group({"params": [torch.zeros(4)], option: value})
+    assert len(opt.param_groups) == 1
+
+
+def test_8bit_states_of_another_memory_format_are_requantized_in_the_params_order():
+    """A checkpoint of a channels_last model loaded into a contiguous one: the codes' blocks follow the memory
+    order of the checkpoint's layout, so they are decoded and quantized again in the param's order (values
+    within two quantizations of the source: the signed map's gaps are at most 1/64 of the block absmax near
+    it, halved by rounding to nearest, twice), and the step runs."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 16, 3, 3, generator=g).to(memory_format=torch.channels_last)
+    opt_a = fusedopt.FusedAdamW([a], lr=1e-2, state_precision="8bit")
+    for _ in range(2):
+        a.grad = torch.randn(a.shape, generator=g).to(memory_format=torch.channels_last)
+        opt_a.step()
+    b = a.detach().contiguous()
+    opt_b = fusedopt.FusedAdamW([b], lr=1e-2, state_precision="8bit")
+    opt_b.load_state_dict(through_bytes(opt_a.state_dict()))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert opt_b.state[b][key].stride() == b.stride()
+        want = through_bytes(opt_a.state_dict(dequantize=True))["state"][0][key]
+        got = opt_b.state_dict(dequantize=True)["state"][0][key]
+        torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) / 64)
+    b.grad = torch.randn(b.shape, generator=g)
+    opt_b.step()
+    assert torch.isfinite(b).all()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layout
 # ----------------------------------------------------------------------------------------------------------------

@@ -503,3 +503,35 @@ def test_schedule_checkpoint_loads_without_schedule():
     run(ref_b, ref_params, GRADS[10:12])
     ref = ref_b
     assert_match(ref_params, ref, params_b, opt_b, ("momentum_buffer",))
+
+
+@pytest.mark.parametrize("precision", [None, "bf16"])
+@pytest.mark.parametrize("how", ["channels_last checkpoint into a contiguous model", "model converted mid-run"])
+def test_states_follow_the_params_memory_format(precision, how):
+    """torch.optim runs with states whose strides differ from the param's (a channels_last checkpoint loaded into
+    a contiguous model; model.to(memory_format=...) after some steps). The kernels walk param, grad and states in
+    one memory order, so fusedopt lays the states out like the param: the same values, so the run continues bit
+    for bit like a twin that never changed layout."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(32, 16, 3, 3, generator=g) for _ in range(4)]
+    twin = torch.randn(32, 16, 3, 3, generator=g)
+    p = twin.clone().to(memory_format=torch.channels_last)
+    opt_twin = FusedAdamW([twin], lr=1e-2, state_precision=precision)
+    opt = FusedAdamW([p], lr=1e-2, state_precision=precision)
+    for k in range(4):
+        if k == 2:
+            if how.startswith("channels_last"):
+                p = p.contiguous()
+                sd = through_bytes(opt.state_dict())
+                opt = FusedAdamW([p], lr=1e-2, state_precision=precision)
+                opt.load_state_dict(sd)
+            else:
+                p.data = p.data.contiguous()
+        twin.grad, p.grad = grads[k].clone(), grads[k].to(memory_format=torch.channels_last if k < 2 else
+                                                          torch.contiguous_format)
+        opt_twin.step()
+        opt.step()
+    assert p.is_contiguous() and all(opt.state[p][key].stride() == p.stride() for key in ("exp_avg", "exp_avg_sq"))
+    assert torch.equal(p, twin)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[p][key], opt_twin.state[twin][key]), key

@@ -33,7 +33,7 @@ from fusedopt.optim import _clipping
 from fusedopt.optim._batch import PLAIN_TYPES, Batch, dtensor_class, is_dense, to_local
 from fusedopt.optim._checkpoint import CheckpointInterop
 from fusedopt.optim._schedule import ScheduleBookkeeping
-from fusedopt.optim._small_state import SmallState
+from fusedopt.optim._small_state import SmallState, layout_differs
 from fusedopt.optim._validation import (  # noqa: F401 (check_betas, check_number: re-exported for the rules)
     check_betas, check_fused_options, check_number, check_torch_flags, split_named)
 from fusedopt.schedules import ScheduleTable
@@ -107,6 +107,10 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
         if isinstance(params, set):
             raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
                             "of tensors in sets will change between runs. Please use a list instead.")
+        for option in ("state_precision", "stochastic_rounding"):
+            if option in param_group:  # else silently ignored: the step reads the optimizer's
+                raise ValueError(f"{option} is an option of the whole optimizer (a keyword of "
+                                 f"{type(self).__name__}(...)), not of a param group")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         tensors, names = split_named(params)
         merged = {**self.defaults, **param_group, "params": tensors}
@@ -334,7 +338,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
             if key == "step" or not isinstance(value, torch.Tensor):
                 continue
             expected = self._expected_dtype(p, key)
-            if value.device != p.device or value.dtype != expected:
+            if value.device != p.device or value.dtype != expected or layout_differs(value, p):
                 for q, state in zip(batch.params, batch.states):
                     if state:
                         self._normalize_state(q, state)
@@ -398,6 +402,9 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
         batches = self._collect()
         for device in {batch.device for batch in batches}:  # a backend that cannot run here: before any change
             self._backend_for(device)
+        if self.state_precision is not None or self.stochastic_rounding:
+            for batch in batches:  # params whose dtype changed since construction (model.double(), .half())
+                self._check_param_precision(batch.params[0], f"a param of param_groups[{batch.group_index}]")
         for batch in batches:
             self._follow_params(batch)
             self._prepare(batch)

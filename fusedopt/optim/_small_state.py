@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from fusedopt import quantization as Q
-from fusedopt.optim._batch import Batch, dtensor_class
+from fusedopt.optim._batch import Batch, dtensor_class, is_dense
 
 PRECISIONS = ("fp32", "bf16", "8bit")
 # Backends whose kernels load and store small states themselves (one fused pass: decode, rule, absmax, encode;
@@ -372,6 +372,11 @@ class SmallState:
             value = state[key]
             if key in ("step", "master_param") or not isinstance(value, torch.Tensor):
                 continue
+            if value.dtype == torch.uint8 and target == torch.uint8 and layout_differs(value, p):
+                # blocks follow memory order: codes of another layout (a channels_last checkpoint, a model moved
+                # to another memory format) are decoded and quantized again in the param's order
+                absmax = _local(state.pop(absmax_key(key)))
+                value = _decode_state(_local(value), absmax.to(value.device), signed_key(key)).to(p.device)
             if value.dtype == torch.uint8:
                 if target == torch.uint8:
                     if value.device != p.device:
@@ -389,6 +394,8 @@ class SmallState:
                 memory_order(_local(holder[key])).copy_(codes)
                 _local(holder[absmax_key(key)])[: absmax.numel()].copy_(absmax)
                 state.update(holder)
+            elif layout_differs(value, p):  # the kernels walk param, grad and states in one memory order
+                state[key] = _like(p, torch.empty_like(_local(p), dtype=target).copy_(_local(value)))
             elif value.dtype != target or value.device != p.device:
                 state[key] = value.detach().to(device=p.device, dtype=target)
         for key in [k for k in state if is_absmax_key(k)]:
@@ -415,6 +422,13 @@ class SmallState:
                     pstate[key] = value.to(torch.float32)
             out[index] = pstate
         return {**sd, "state": out}
+
+
+def layout_differs(value: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether a state of p's shape has other strides than p (dense p only: the state of a strided-view param is
+    contiguous, as the step's contiguous stand-in)."""
+    v, q = _local(value), _local(p)
+    return v.shape == q.shape and v.numel() > 1 and is_dense(q) and v.stride() != q.stride()
 
 
 def _strided_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,14 @@ class FusedAdamW(FusedOptimizer):
             "8bit": blockwise 8-bit states (Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
             arXiv:2110.02861): ``exp_avg`` in the signed and ``exp_avg_sq`` / ``max_exp_avg_sq`` in the unsigned
             dynamic map, uint8 codes plus a float32 ``<key>_absmax`` per 256 elements (2 bytes per param and
-            1/64 for the absmax); tensors under 4,096 elements keep float32 states. "bf16" and "8bit" need
+            2 * 4/256 = 1/32 for the two absmax); tensors under 4,096 elements keep float32 states. "bf16" and "8bit" need
             float32, bfloat16 or float16 params. See :mod:`fusedopt.quantization` for the exact format.
         stochastic_rounding: round bfloat16 params without a master copy, and bfloat16 states, stochastically
             (unbiased; random bits from a counter-based hash of the optimizer's seed, the step, the tensor and
             the element, so a run is reproducible and every backend rounds alike; the seed is drawn from torch's
-            default generator and saved in ``state_dict()``). Needs bfloat16 (or float32) params, or master
-            weights for float16 params.
+            default generator and saved in ``state_dict()``). Rounds nothing (and changes nothing) when no
+            bfloat16 value is written: float32 params with states other than "bf16". float16 params need
+            master weights.
 
     ``state_dict(dequantize=True)`` returns float32 states under torch's keys (loadable by torch.optim.AdamW);
     loading a float checkpoint into an 8-bit optimizer quantizes it.
