@@ -135,6 +135,7 @@ class SmallState:
         self.stochastic_rounding = stochastic_rounding
         # 62 bits from torch's default generator: torch.manual_seed makes the run reproducible
         self._rounding_seed = int(torch.randint(0, 2 ** 62, ())) if stochastic_rounding else None
+        self._no_absmax: Dict[torch.device, torch.Tensor] = {}  # the op's absmax entry of a state not in 8 bits
 
     # ---------------------------------------------------------------------------------------------- params
     def _check_param_precision(self, p: torch.Tensor, where: str) -> None:
@@ -254,7 +255,10 @@ class SmallState:
         """The op's small-state arguments for a batch whose kernels read the formats themselves: per state list (the
         op's order) and param, the absmax of 8-bit codes (an empty tensor for other states); with stochastic
         rounding the seed, (param index, element offset of the shard) per param and the group's counter."""
-        empty = torch.empty(0, dtype=torch.float32, device=batch.device)
+        cache = self.__dict__.setdefault("_no_absmax", {})  # (an optimizer unpickled from an older release)
+        empty = cache.get(batch.device)  # one per device, not one allocation per call
+        if empty is None:
+            empty = cache[batch.device] = torch.empty(0, dtype=torch.float32, device=batch.device)
         absmaxes = []
         for key in self.state_keys:
             if key == "step":
@@ -395,7 +399,7 @@ class SmallState:
                 _local(holder[absmax_key(key)])[: absmax.numel()].copy_(absmax)
                 state.update(holder)
             elif layout_differs(value, p):  # the kernels walk param, grad and states in one memory order
-                state[key] = _like(p, torch.empty_like(_local(p), dtype=target).copy_(_local(value)))
+                state[key] = _like(p, _strided_like(_local(value), _local(p), target))
             elif value.dtype != target or value.device != p.device:
                 state[key] = value.detach().to(device=p.device, dtype=target)
         for key in [k for k in state if is_absmax_key(k)]:
@@ -431,9 +435,9 @@ def layout_differs(value: torch.Tensor, p: torch.Tensor) -> bool:
     return v.shape == q.shape and v.numel() > 1 and is_dense(q) and v.stride() != q.stride()
 
 
-def _strided_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """value (p's shape) as a float32 tensor with p's strides, so its memory order is p's."""
-    out = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+def _strided_like(value: torch.Tensor, p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """value (p's shape) as a `dtype` tensor on p's device with p's strides, so its memory order is p's."""
+    out = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
     return out.copy_(value)
 
 
