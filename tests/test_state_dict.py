@@ -506,18 +506,23 @@ def test_schedule_checkpoint_loads_without_schedule():
 
 
 @pytest.mark.parametrize("precision", [None, "bf16"])
-@pytest.mark.parametrize("how", ["channels_last checkpoint into a contiguous model", "model converted mid-run"])
+@pytest.mark.parametrize("how", ["channels_last checkpoint into a contiguous model", "model converted mid-run",
+                                 "model converted mid-run, after a param that keeps its layout"])
 def test_states_follow_the_params_memory_format(precision, how):
     """torch.optim runs with states whose strides differ from the param's (a channels_last checkpoint loaded into
-    a contiguous model; model.to(memory_format=...) after some steps). The kernels walk param, grad and states in
-    one memory order, so fusedopt lays the states out like the param: the same values, so the run continues bit
-    for bit like a twin that never changed layout."""
+    a contiguous model; model.to(memory_format=...) after some steps, which converts only the 4-d params: the
+    batch's first param may keep its layout). The kernels walk param, grad and states in one memory order, so
+    fusedopt lays the states out like the param: the same values, so the run continues bit for bit like a twin
+    that never changed layout."""
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(32, 16, 3, 3, generator=g) for _ in range(4)]
     twin = torch.randn(32, 16, 3, 3, generator=g)
     p = twin.clone().to(memory_format=torch.channels_last)
-    opt_twin = FusedAdamW([twin], lr=1e-2, state_precision=precision)
-    opt = FusedAdamW([p], lr=1e-2, state_precision=precision)
+    # a 2-d param ahead of the conv weight in the third case (model.to(memory_format=...) leaves it as it is)
+    lead = [torch.randn(64, 80, generator=g)] if how.endswith("keeps its layout") else []
+    lead_twin = [t.clone() for t in lead]
+    opt_twin = FusedAdamW(lead_twin + [twin], lr=1e-2, state_precision=precision)
+    opt = FusedAdamW(lead + [p], lr=1e-2, state_precision=precision)
     for k in range(4):
         if k == 2:
             if how.startswith("channels_last"):
@@ -529,8 +534,12 @@ def test_states_follow_the_params_memory_format(precision, how):
                 p.data = p.data.contiguous()
         twin.grad, p.grad = grads[k].clone(), grads[k].to(memory_format=torch.channels_last if k < 2 else
                                                           torch.contiguous_format)
+        for a, b in zip(lead, lead_twin):
+            a.grad = b.grad = torch.ones_like(a)
         opt_twin.step()
         opt.step()
+    for a, b in zip(lead, lead_twin):
+        assert torch.equal(a, b)
     assert p.is_contiguous() and all(opt.state[p][key].stride() == p.stride() for key in ("exp_avg", "exp_avg_sq"))
     assert torch.equal(p, twin)
     for key in ("exp_avg", "exp_avg_sq"):

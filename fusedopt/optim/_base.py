@@ -436,14 +436,15 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
             def call(b, backend=backend, group=group, call_args=call_args, weight_decay_table=weight_decay_table):
                 self._call_backend(backend, b, group, *call_args, weight_decay_table=weight_decay_table)
 
-            if self._needs_staging(batch):
-                if self._fused_small_state(backend, batch):  # the kernels load and store the formats
-                    batch.small_state = self._small_state_args(batch, group)
-                    call(batch)
-                else:
-                    self._call_staged(backend, batch, group, batch_found_inf, call)
-            else:
-                call(batch)
+            try:
+                self._run_batch(backend, batch, group, batch_found_inf, call)
+            except RuntimeError:
+                # The ops check every tensor before they modify any. A state laid out unlike its param, which
+                # _follow_params' one look per batch misses (model.to(memory_format=...) after the first step
+                # changes only the 4-d params, maybe not the batch's first), is the one refusal this can mend.
+                if not self._relayout_states(batch):
+                    raise
+                self._run_batch(backend, batch, group, batch_found_inf, call)
             for original, stand_in in batch.write_back:
                 original.copy_(stand_in)
         if scheduled:
@@ -451,6 +452,28 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
             self._advance_host_mirror(found_inf)
         self._advance_rounding_counters(found_inf)
         return loss
+
+    def _run_batch(self, backend: backends.Backend, batch: Batch, group: dict, found_inf, call) -> None:
+        """The batch's op call: plain, with the kernels loading and storing the small-state formats, or staged."""
+        if self._needs_staging(batch):
+            if self._fused_small_state(backend, batch):  # the kernels load and store the formats
+                batch.small_state = self._small_state_args(batch, group)
+                call(batch)
+            else:
+                self._call_staged(backend, batch, group, found_inf, call)
+        else:
+            call(batch)
+
+    def _relayout_states(self, batch: Batch) -> bool:
+        """Lay out every state of the batch whose strides differ from its param's like the param (the load
+        path's normalization, per tensor); False when none differs."""
+        changed = False
+        for p, state in zip(batch.params, batch.states):
+            if state and any(isinstance(value, torch.Tensor) and key != "step" and layout_differs(value, p)
+                             for key, value in state.items()):
+                self._normalize_state(p, state)
+                changed = True
+        return changed
 
     def _is_state_creating_step(self) -> bool:
         """No state yet and every group's lr set to 0 (a number, or a CPU tensor) by someone else than the table."""
