@@ -7,7 +7,8 @@
 
 Each mutant is one bug a kernel or optimizer change could plausibly introduce (AdamW's update frozen, the
 weight-decay sign flipped, eps dropped, Lion's step halved, SGD's Nesterov term dropped; the same in the Triton
-kernels; a schedule table shifted by a step; the schedule counter advanced on a step GradScaler skipped; a
+kernels; the small-state codec's tie rule in each backend's encoder and the step left out of the stochastic-rounding
+key; a schedule table shifted by a step; the schedule counter advanced on a step GradScaler skipped; a
 rejected step that creates state before it raises). For each one the script
 
   1. copies the worktree's tracked and untracked-but-not-ignored files to a scratch folder (once) and puts the
@@ -260,6 +261,33 @@ def _mutants() -> List[Mutant]:
                                          r"\1g = g")]),
     ], select=kernel_tests(["sgd"], tr, must_contain=["nesterov"]), cells=cells(tr)))
 
+    # --- the small-state codec (issue 13): one spelling per backend ------------------------------------------
+    # The tie rule (a value exactly between two map entries takes the smaller magnitude) and the rounding
+    # counter are the subtle parts: the fused kernels are compared with the staged path (fusedopt.quantization,
+    # searchsorted on the midpoints: independent of the kernels' encoders), with each other and with the
+    # documented generator. The owner tests: the small-state files' tests of the backends that run here.
+    small_state_tests = tests_matching(r"^tests/test_small_state\.py::", r"^tests/test_quantization\.py::",
+                                       r"^tests/test_cuda_host\.py::test_small_state")
+    cpu_kernels = ("csrc/cpu/adamw.cpp", "csrc/cpu/lion.cpp", "csrc/cpu/sgd.cpp")
+    codec_h = "csrc/fusedopt/state_codec.h"
+    m.append(Mutant("q8_tie_up", "a tie between two map entries encodes to the smaller magnitude (state_codec.h: "
+                    "the CUDA bodies, the CPU's scalar encoder)", [
+        Edit(codec_h, [(r"(const float up = a )>( \(k0 \+ 1\.0f\))", r"\1>=\2")],
+             scope=r"\bencode_magnitude\(.*?\n}\n"),
+    ], select=small_state_tests, cells=[("-", "cuda_host")], cpu_sources=cpu_kernels))
+    m.append(Mutant("q8_avx2_tie_up", "the same tie rule in the CPU's AVX2 encoder (state_io.h)", [
+        Edit("csrc/cpu/state_io.h", [(r"_mm256_cmp_ps\(a, mid, _CMP_GT_OQ\)", "_mm256_cmp_ps(a, mid, _CMP_GE_OQ)")],
+             scope=r"struct Avx2Encoder \{.*?\n};\n"),
+    ], select=small_state_tests, cells=[("-", "-")], cpu_sources=cpu_kernels))
+    m.append(Mutant("tr_q8_tie_up", "the same tie rule in the Triton codec (fusedopt/triton/_codec.py)", [
+        Edit("fusedopt/triton/_codec.py", [(r"up = tl\.where\(a > mid, ", "up = tl.where(a >= mid, ")]),
+    ], select=small_state_tests, cells=[("-", "-")]))
+    m.append(Mutant("sr_step_ignored", "stochastic rounding draws new bits every step (the step enters the "
+                    "counter-based generator's key)", [
+        Edit(codec_h, [(r"^([ \t]*)h = mix32\(h \^ static_cast<uint32_t>\(s\)\);", r"\1h = mix32(h);")],
+             scope=r"\brounding_key\(.*?\n}\n"),
+    ], select=small_state_tests, cells=[("-", "-")], cpu_sources=cpu_kernels))
+
     # --- schedules and the optimizer base (Python, every backend) ---------------------------------------------
     m.append(Mutant("warmup_cosine_shifted", "warmup_cosine is HF's get_cosine_schedule_with_warmup, step for step", [
         Edit("fusedopt/schedules.py", [(r"^([ \t]*)return ScheduleTable\((\w+), name=\"warmup_cosine\"\)",
@@ -470,7 +498,8 @@ def main(argv=None) -> int:
         # which files to collect: the test files any chosen mutant's selection can pick
         candidates = sorted({"tests/test_parity.py", "tests/test_cuda_host.py", "tests/test_triton_backend.py",
                              "tests/test_low_precision.py", "tests/test_schedules.py", "tests/test_frameworks.py",
-                             "tests/test_one_pass.py", "tests/test_readme_claims.py", "tests/test_bad_input.py"})
+                             "tests/test_one_pass.py", "tests/test_readme_claims.py", "tests/test_bad_input.py",
+                             "tests/test_small_state.py", "tests/test_quantization.py"})
         all_ids = tree.collect(candidates)
         selections = {mu.name: [i for i in all_ids if mu.select(i)] for mu in chosen}
         for mu in chosen:

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from fusedopt import _ops, backends
 from fusedopt.optim import _clipping
-from fusedopt.optim._batch import PLAIN_TYPES, Batch, dtensor_class, is_dense, to_local
+from fusedopt.optim._batch import PLAIN_TYPES, Batch, LocalState, dtensor_class, is_dense, to_local
 from fusedopt.optim._checkpoint import CheckpointInterop
 from fusedopt.optim._schedule import ScheduleBookkeeping
 from fusedopt.optim._small_state import SmallState, layout_differs
@@ -468,7 +468,9 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
         """Lay out every state of the batch whose strides differ from its param's like the param (the load
         path's normalization, per tensor); False when none differs."""
         changed = False
-        for p, state in zip(batch.params, batch.states):
+        for p, state in zip(batch.originals or batch.params, batch.states):
+            if isinstance(state, LocalState):  # a DTensor's shard view (not re-laid out: the op's error stands)
+                continue
             if state and any(isinstance(value, torch.Tensor) and key != "step" and layout_differs(value, p)
                              for key, value in state.items()):
                 self._normalize_state(p, state)
