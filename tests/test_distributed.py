@@ -152,6 +152,14 @@ def test_zero_redundancy_optimizer(results, rule):
         results[0]["zero"][rule]["total_numel"]
 
 
+def test_zero_redundancy_optimizer_with_8bit_states(results):
+    """ZeroRedundancyOptimizer(optimizer_class=FusedAdamW, state_precision="8bit"): ZeRO copies the keyword into
+    every param group; each rank quantizes whole tensors of its partition, so the run is bitwise DDP + the same
+    optimizer on all params. The (80, 64) weight (5,120 elements) is the one with 8-bit states."""
+    check_run(results, "zero", "adamw_8bit", exact=True)
+    assert any("torch.uint8" in results[rank]["zero"]["adamw_8bit"]["state_dtypes"] for rank in range(WORLD))
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_distributed_checkpoint_resume(results, rule):
     """get_optimizer_state_dict / dcp.save at step 3, dcp.load / set_optimizer_state_dict into a fresh FSDP2

@@ -143,13 +143,19 @@ def test_param_dtype_changed_after_construction_is_checked_at_step(change, kw, m
 
 @pytest.mark.parametrize("option,value", [("state_precision", "8bit"), ("stochastic_rounding", True)])
 def test_small_state_options_are_not_param_group_keys(option, value):
-    """They are options of the whole optimizer; a group key would be silently ignored by the step."""
+    """They are options of the whole optimizer; a group key with another value would be silently ignored by the
+    step. A group repeating the optimizer's own value is accepted: ZeroRedundancyOptimizer copies every
+    constructor keyword into each param group of the optimizer it builds."""
     with pytest.raises(ValueError, match=f"{option} is an option of the whole optimizer"):
         fusedopt.FusedAdamW([{"params": [torch.zeros(3)], option: value}])
     opt = fusedopt.FusedAdamW([torch.zeros(3)])
     with pytest.raises(ValueError, match=f"{option} is an option of the whole optimizer"):
         opt.add_param_group({"params": [torch.zeros(4)], option: value})
     assert len(opt.param_groups) == 1
+    dtype = torch.bfloat16 if option == "stochastic_rounding" else torch.float32
+    same = fusedopt.FusedAdamW([{"params": [torch.zeros(3, dtype=dtype)], option: value}], **{option: value})
+    same.add_param_group({"params": [torch.zeros(4, dtype=dtype)], option: value})
+    assert len(same.param_groups) == 2
 
 
 def test_8bit_states_of_another_memory_format_are_requantized_in_the_params_order():

@@ -108,9 +108,12 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
             raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
                             "of tensors in sets will change between runs. Please use a list instead.")
         for option in ("state_precision", "stochastic_rounding"):
-            if option in param_group:  # else silently ignored: the step reads the optimizer's
+            # A group may repeat the optimizer's own value (ZeroRedundancyOptimizer copies every constructor
+            # keyword into each group); another value would be silently ignored by the step, so it raises.
+            if option in param_group and not _same_option(param_group[option], getattr(self, option)):
                 raise ValueError(f"{option} is an option of the whole optimizer (a keyword of "
-                                 f"{type(self).__name__}(...)), not of a param group")
+                                 f"{type(self).__name__}(...), here {getattr(self, option)!r}), not of a param "
+                                 f"group: a group cannot set it to {param_group[option]!r}")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         tensors, names = split_named(params)
         merged = {**self.defaults, **param_group, "params": tensors}
@@ -488,6 +491,10 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
             if float(lr) != 0.0:
                 return False
         return any(self._host["shown"].get(i, (0.0,))[0] != 0.0 for i in range(len(self.param_groups)))
+
+
+def _same_option(a, b) -> bool:
+    return type(a) is type(b) and a == b  # stochastic_rounding=1 is not True (the constructor refuses it too)
 
 
 def _same_number(a: float, b: float) -> bool:

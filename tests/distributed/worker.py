@@ -201,6 +201,20 @@ def scenario_zero(rank, mesh, tmp):
                      # STEPS-step run), where the table holds step STEPS - 1's lr
                      "expected_lr": reference_lrs(options["lr"], STEPS)[1:] + reference_lrs(options["lr"], STEPS)[-1:],
                      "local_numel": local, "total_numel": sum(p.numel() for p in ours_model.parameters())}
+    # 8-bit states (ZeroRedundancyOptimizer copies state_precision into every param group): each rank quantizes
+    # the whole tensors of its partition, so the run is bitwise DDP + the same optimizer on all params
+    def wide_model():
+        torch.manual_seed(99)
+        return nn.Sequential(nn.Linear(7, 80), nn.Tanh(), nn.Linear(80, 64), nn.Tanh(), nn.Linear(64, 1))
+
+    ours_model, ref_model = DDP(wide_model()), DDP(wide_model())
+    ours = ZeroRedundancyOptimizer(ours_model.parameters(), optimizer_class=fusedopt.FusedAdamW, lr=1e-2,
+                                   weight_decay=0.1, state_precision="8bit")
+    ref = fusedopt.FusedAdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1, state_precision="8bit")
+    train(ours_model, ours, rank, STEPS)
+    train(ref_model, ref, rank, STEPS)
+    out["adamw_8bit"] = {"fused": full_params(ours_model), "ref": full_params(ref_model),
+                         "state_dtypes": sorted({str(st["exp_avg"].dtype) for st in ours.optim.state.values()})}
     return out
 
 
