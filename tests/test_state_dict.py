@@ -544,3 +544,41 @@ def test_states_follow_the_params_memory_format(precision, how):
     assert torch.equal(p, twin)
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(opt.state[p][key], opt_twin.state[twin][key]), key
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("case", ["adamw-8bit-schedule-clip", "lion-decoupled", "sgd-bf16-stochastic"])
+def test_copied_optimizer_continues_the_run(case, how):
+    """copy.deepcopy / pickle of a whole optimizer (with its params, as torch.save(model_and_optimizer) does).
+    torch.optim.Optimizer pickles defaults, state and param_groups only; the copy also needs fusedopt's options
+    (schedule, clipping, state precision, rounding seed, Lion's initial_lr): it continues the run bit for bit."""
+    import pickle
+
+    dtype = torch.bfloat16 if "bf16" in case else torch.float32
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(80, 64, generator=g).to(dtype).requires_grad_(), torch.randn(64, generator=g).to(dtype)
+              .requires_grad_()]
+    if case.startswith("adamw"):
+        opt = FusedAdamW(params, lr=1e-2, weight_decay=0.1, state_precision="8bit", max_grad_norm=0.5,
+                         schedule=schedules.warmup_cosine(8, 2))
+    elif case.startswith("lion"):
+        opt = FusedLion(params, lr=1e-3, weight_decay=0.5, decoupled_weight_decay=True)
+    else:
+        opt = FusedSGD(params, lr=1e-2, momentum=0.9, nesterov=True, stochastic_rounding=True)
+    grads = [[torch.randn(p.shape, generator=g).to(dtype) for p in params] for _ in range(6)]
+
+    def run(params, opt, steps):
+        for t in steps:
+            for p, grad in zip(params, grads[t]):
+                p.grad = grad.clone()
+            opt.step()
+
+    run(params, opt, range(3))
+    copied = copy.deepcopy((params, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((params, opt)))
+    run(params, opt, range(3, 6))
+    run(*copied, range(3, 6))
+    c_params, c_opt = copied
+    assert all(torch.equal(a, b) for a, b in zip(params, c_params))
+    for p, q in zip(params, c_params):
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, c_opt.state[q][key]), key

@@ -73,6 +73,30 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
             self._resolve_tables()
             self._show_schedule()
 
+    # ------------------------------------------------------------------------------------------------------
+    # Pickling and copy.deepcopy
+    # ------------------------------------------------------------------------------------------------------
+    # torch.optim.Optimizer.__getstate__ keeps defaults, state and param_groups only; a fusedopt optimizer also
+    # needs its options and the schedule's host mirror (without them a copy's step() fails). Caches keyed by
+    # device or by id() stay behind: a copy rebuilds them at its first step.
+    _pickled_attributes: Tuple[str, ...] = ("schedule", "backend", "max_grad_norm", "norm_type", "master_weights",
+                                            "state_precision", "stochastic_rounding", "_rounding_seed", "_host")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for name in self._pickled_attributes:
+            if name in self.__dict__:
+                state[name] = self.__dict__[name]
+        if "_host" in state:
+            state["_host"] = {**state["_host"], "scalars": {}, "one_entry": {}}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._backend_cache = {}
+        self._tables = {}
+        self._no_absmax = {}
+
     @property
     def last_grad_norm(self) -> Optional[torch.Tensor]:
         """The global grad norm of the last step with max_grad_norm set (a device tensor), else None."""

@@ -22,6 +22,8 @@ class FusedLion(FusedOptimizer):
     lion-pytorch's ``use_triton`` is accepted as a keyword and changes nothing (the update is always fused).
     """
 
+    _pickled_attributes = FusedOptimizer._pickled_attributes + ("decoupled_weight_decay", "initial_lr")
+
     rule = "lion"
     torch_name = "Lion"
     state_keys = ("exp_avg",)
