@@ -560,8 +560,10 @@ def test_torch_checkpoints_both_ways():
     run(back, back.param_groups[0]["params"], 1, first=3)  # torch continues from it
 
 
-@pytest.mark.parametrize("damage", ["missing absmax", "wrong blocks", "absmax dtype"])
+@pytest.mark.parametrize("damage", ["missing absmax", "wrong blocks", "absmax dtype", "blocks of shards"])
 def test_mismatched_blocks_are_rejected_before_loading(damage):
+    """"blocks of shards": one absmax entry more than the param's blocks, as in a full state dict gathered from
+    FSDP2 shards (each shard quantized in its own blocks, padded), which decoded as one tensor would be wrong."""
     params = make_params()
     opt = fusedopt.FusedAdamW(params, state_precision="8bit")
     run(opt, params, 1)
@@ -573,6 +575,9 @@ def test_mismatched_blocks_are_rejected_before_loading(damage):
     elif damage == "wrong blocks":
         st["exp_avg_absmax"] = st["exp_avg_absmax"][:-1]
         match = "make 17 blocks of 256"
+    elif damage == "blocks of shards":
+        st["exp_avg_absmax"] = torch.cat([st["exp_avg_absmax"], st["exp_avg_absmax"][-1:]])
+        match = "quantized per shard"
     else:
         st["exp_avg_absmax"] = st["exp_avg_absmax"].double()
         match = "blocks"

@@ -360,10 +360,18 @@ class SmallState:
             local_p = _local(p)
             needed = Q.num_blocks(local_p.numel())
             have = _local(absmax).numel()
-            if absmax.dtype != torch.float32 or absmax.dim() != 1 or have < needed:
+            # A DTensor's local absmax is padded to the largest shard's block count (_new_absmax); a plain
+            # tensor's has exactly one entry per block. More entries than that: blocks of another layout, e.g.
+            # a full state dict gathered from FSDP2 shards (each shard's blocks start at the shard's first
+            # element), which decoded as one tensor would give rows the wrong scales.
+            plain = dtensor_class() is None or not isinstance(p, dtensor_class())
+            if absmax.dtype != torch.float32 or absmax.dim() != 1 or have < needed or (plain and have != needed):
+                sharded = (" (these codes were quantized per shard, as FSDP2 / DTensor params are: load such a "
+                           "checkpoint into params sharded the same way)" if plain and have > needed else "")
                 raise ValueError(f"state_dict does not fit the params: '{absmax_key(key)}' of param {index} has "
                                  f"{have} blocks ({absmax.dtype}, shape {tuple(absmax.shape)}) but the param's "
-                                 f"{local_p.numel()} elements make {needed} blocks of {Q.BLOCK_SIZE} (float32)")
+                                 f"{local_p.numel()} elements make {needed} blocks of {Q.BLOCK_SIZE} (float32)"
+                                 f"{sharded}")
         elif not value.is_floating_point():
             raise ValueError(f"state_dict does not fit the params: state '{key}' of param {index} has dtype "
                              f"{value.dtype} (expected a floating dtype, or uint8 codes with '{absmax_key(key)}')")
