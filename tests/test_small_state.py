@@ -111,8 +111,8 @@ def test_float64_params_say_what_is_supported(precision):
                                          r"bfloat16 and float16 params"):
         fusedopt.FusedAdamW([torch.zeros(5000, dtype=torch.float64)], state_precision=precision)
     opt = fusedopt.FusedAdamW([torch.zeros(5000)], state_precision=precision)
-    with pytest.raises(ValueError, match="is float64"):
-        opt.add_param_group({"params": [torch.zeros(3, dtype=torch.float64)]})
+    with pytest.raises(ValueError, match=r"params\[1\] of param group 1 is float64"):  # the group is named
+        opt.add_param_group({"params": [torch.zeros(3), torch.zeros(3, dtype=torch.float64)]})
     assert len(opt.param_groups) == 1  # nothing added
     fusedopt.FusedAdamW([torch.zeros(5, dtype=torch.float64)], state_precision="fp32")  # fine
 

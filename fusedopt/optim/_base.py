@@ -143,11 +143,13 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
         merged = {**self.defaults, **param_group, "params": tensors}
         self._check_group(merged, strict=True)
         devices = set()
+        # the group is named from the second one on (the first one's messages keep their shape)
+        group = f" of param group {len(self.param_groups)}" if self.param_groups else ""
         for i, p in enumerate(tensors):
-            where = f"params[{i}]" + (f" ({names[i]!r})" if names else "")
+            where = f"params[{i}]" + (f" ({names[i]!r})" if names else "") + group
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{where} of a param group is a {type(p).__name__}, not a Tensor (optimizer can only "
-                                f"optimize Tensors)")
+                raise TypeError(f"{where}{'' if group else ' of a param group'} is a {type(p).__name__}, not a Tensor "
+                                f"(optimizer can only optimize Tensors)")
             if p.is_complex():
                 raise ValueError(f"{where} is complex ({p.dtype}); fusedopt supports real floating params")
             if p.dtype not in _SUPPORTED_DTYPES:
