@@ -271,7 +271,7 @@ def test_tensor_lr_wrong_shape_or_dtype(name):
 @pytest.mark.parametrize("name", OPTS)
 def test_complex_params(name):
     params = make_params() + [torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))]
-    with pytest.raises(ValueError, match=r"params\[\d\] is complex"):
+    with pytest.raises(ValueError, match=r"params\[\d\]( of param group \d)? is complex"):
         make_opt(name, params=params)
     opt = trained(name)
     snap = snapshot(opt)
