@@ -25,7 +25,9 @@ the RNG states are restored exactly as they were (the result is a measurement, n
 The suggestion is the lr at the steepest descent of the smoothed loss against log(lr), not the lr of the minimum
 loss (which is already too large to train at). The smoothing for the suggestion is an exponential moving average
 run forwards and backwards (no lag; a one-way average would shift the curve towards larger lrs by
-~1/(1-beta) steps); the divergence check uses the causal average, which is all that is known during the run.
+~1/(1-beta) steps) over the losses before the run diverged for good (from where every loss exceeds
+``diverge_factor`` times the smallest before it); the divergence check during the run uses the causal average,
+which is all that is known then.
 """
 
 from __future__ import annotations
@@ -201,6 +203,19 @@ def zero_phase_smooth(values: List[float], beta: float) -> List[float]:
     return [(a + b) / 2 for a, b in zip(fwd, bwd)]
 
 
+def divergence_start(losses: List[float], factor: float) -> int:
+    """The first index from which every loss exceeds ``factor`` times the smallest loss before it (the run has
+    diverged for good), or len(losses). A spike that comes back below does not count."""
+    best, start = math.inf, len(losses)
+    for i, v in enumerate(losses):
+        if v > factor * best:
+            start = min(start, i)
+        else:
+            start = len(losses)
+        best = min(best, v)
+    return start
+
+
 def steepest_descent(lrs: List[float], smoothed: List[float], skip_start: int, skip_end: int) -> Optional[int]:
     """Index of the most negative d(loss)/d(log lr) (central differences) within [skip_start, n - skip_end)."""
     n = len(lrs)
@@ -315,8 +330,11 @@ def find_lr(model: torch.nn.Module, loss_fn: Callable, batches: Iterable, optimi
     finite = [v if math.isfinite(v) else math.nan for v in losses]
     curve = [v for v in finite if not math.isnan(v)]
     usable = len(curve)
-    smoothed = zero_phase_smooth(curve, beta) + [math.nan] * (len(losses) - usable)
-    n = usable
+    # The backward average must not see the divergence: its memory (~1/(1-beta) steps) can be as long as a short
+    # run, and the spike then lifts the start of the curve (a 30-step run suggested its first lr). The losses
+    # after the run has diverged for good keep the causal average (plotted, never suggested).
+    n = divergence_start(curve, diverge_factor)
+    smoothed = zero_phase_smooth(curve[:n], beta) + _ema(curve, beta)[n:] + [math.nan] * (len(losses) - usable)
     s0 = max(1, n // 10) if skip_start is None else skip_start
     s1 = max(1, n // 20) if skip_end is None else skip_end
     if stop_reason != "num_steps" and skip_end is None:

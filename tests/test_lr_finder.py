@@ -162,6 +162,28 @@ def test_plot_writes_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_short_run_that_diverges_suggests_its_descent():
+    """30 steps over 1e-7..10 (the smoothing's memory, ~50 steps at beta 0.98, is longer than the run): the
+    divergence at the end must not lift the start of the smoothed curve, which made the first lr the steepest
+    descent. The suggestion lies where the loss falls, below the lr of the minimum loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    batches = [(torch.randn(16, 128), torch.randint(0, 10, (16,))) for _ in range(4)]
+    result = find_lr(model, torch.nn.functional.cross_entropy, batches,
+                     lambda params, schedule: fusedopt.FusedAdamW(params, schedule=schedule), num_steps=30)
+    assert max(result.losses) > 10 * result.losses[0]  # it diverged
+    assert result.smoothed_losses[0] == pytest.approx(result.losses[0], rel=0.05)
+    assert 1e-4 < result.suggested_lr < result.min_loss_lr
+    assert result.losses[result.suggested_index + 2] < result.losses[result.suggested_index - 2]
+
+
+def test_divergence_start_ignores_a_spike_that_comes_back():
+    from fusedopt.lr_finder import divergence_start
+
+    assert divergence_start([3.0, 2.0, 9.0, 2.5, 1.0, 3.5, 40.0, 90.0], 4.0) == 6
+    assert divergence_start([3.0, 2.0, 1.0], 4.0) == 3
+
+
 def test_zero_phase_smoothing_has_no_lag():
     ramp = [float(i) for i in range(50)]
     smoothed = zero_phase_smooth(ramp, 0.9)
