@@ -92,7 +92,47 @@ def test_named_and_unnamed_mixed_is_torchs_value_error(rule):
 
 def test_a_named_param_that_cannot_be_optimized_is_named():
     with pytest.raises(ValueError, match=r"params\[1\] \('z'\) is complex"):
-        FusedAdamW([("w", torch.zeros(2, requires_grad=True)), ("z", torch.zeros(2, dtype=torch.complex64))])
+        FusedLion([("w", torch.zeros(2, requires_grad=True)), ("z", torch.zeros(2, dtype=torch.complex64))])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("rule", ["adamw", "adam", "sgd"])
+def test_complex_params_follow_torch_optim(rule, dtype):
+    """Complex params, as torch.optim takes them (optim_db: supports_complex): AdamW / Adam view param, grad and
+    states as real (torch.view_as_real), SGD's complex arithmetic by real scalars is the same per component; the
+    kernels update the real views. 20 steps beside torch.optim's single-tensor path, next to a real param of the
+    same group. Tolerance: test_torch_optim_db's (float32 rtol 1e-6: torch's vectorized kernels fuse
+    multiply-adds, a few ulps; float64 rtol 1e-12). The states stay complex, so the checkpoint loads into
+    torch.optim, which continues from it. Lion refuses complex params (sign() is not a per-component rule)."""
+    real = torch.float64 if dtype == torch.complex128 else torch.float32
+    tol = dict(rtol=1e-12, atol=1e-12) if real == torch.float64 else TOL
+    ours_cls, torch_cls, kw = {
+        "adamw": (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True)),
+        "adam": (FusedAdam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
+        "sgd": (FusedSGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    }[rule]
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(40, 30, generator=g, dtype=dtype).requires_grad_(),
+            torch.randn(30, generator=g, dtype=real).requires_grad_()]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt, opt_ref = ours_cls(ours, **kw), torch_cls(ref, foreach=False, **kw)
+    for t in range(20):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, **tol)
+    assert all(v.dtype == dtype for k, v in opt.state[ours[0]].items() if k != "step")
+    resumed = torch_cls(ref, foreach=False, **kw)
+    resumed.load_state_dict(opt.state_dict())
+    for key, value in opt.state[ours[0]].items():
+        torch.testing.assert_close(resumed.state[ref[0]][key], value, **tol)
+    with pytest.raises(ValueError, match="is complex"):
+        FusedLion([torch.zeros(2, dtype=dtype)])
+    with pytest.raises(ValueError, match="complex params keep states of their dtype"):
+        ours_cls([torch.zeros(2, dtype=dtype)], lr=1e-2, state_precision="bf16")
 
 
 def test_a_generator_inside_a_group_dict_is_used_once():

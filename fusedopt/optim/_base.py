@@ -30,7 +30,8 @@ from torch.optim import Optimizer
 
 from fusedopt import _ops, backends
 from fusedopt.optim import _clipping
-from fusedopt.optim._batch import PLAIN_TYPES, Batch, LocalState, dtensor_class, is_dense, to_local
+from fusedopt.optim._batch import (PLAIN_TYPES, Batch, LocalState, RealViewState, dtensor_class, is_dense,
+                                   to_local)
 from fusedopt.optim._checkpoint import CheckpointInterop
 from fusedopt.optim._schedule import ScheduleBookkeeping
 from fusedopt.optim._small_state import SmallState, layout_differs
@@ -49,6 +50,8 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
     _step_supports_amp_scaling = True
     rule: str = ""
     torch_name: str = ""  # the torch.optim class this one replaces (named in messages)
+    # complex params, as torch.optim: the kernels update torch.view_as_real of param, grad and states
+    supports_complex: bool = True
     state_keys: Tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, schedule: Optional[ScheduleTable], backend: str,
@@ -151,8 +154,13 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
                 raise TypeError(f"{where}{'' if group else ' of a param group'} is a {type(p).__name__}, not a Tensor "
                                 f"(optimizer can only optimize Tensors)")
             if p.is_complex():
-                raise ValueError(f"{where} is complex ({p.dtype}); fusedopt supports real floating params")
-            if p.dtype not in _SUPPORTED_DTYPES:
+                if not self.supports_complex:
+                    raise ValueError(f"{where} is complex ({p.dtype}); {type(self).__name__} supports real floating "
+                                     f"params")
+                if self.state_precision is not None or self.stochastic_rounding:
+                    raise ValueError(f"{where} is complex ({p.dtype}): complex params keep states of their dtype "
+                                     f"(state_precision=None, stochastic_rounding=False)")
+            elif p.dtype not in _SUPPORTED_DTYPES:
                 raise ValueError(f"{where} has dtype {p.dtype}; supported: float32, float64, bfloat16, float16")
             self._check_param_precision(p, where)
             devices.add(p.device)
@@ -276,8 +284,8 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
         their first step). Adds the group as one ready batch and returns True; returns False, adding nothing,
         for the per-param path to sort out (missing grads, mixed dtypes, strided views, errors, DTensors and
         other tensor subclasses, which an op call would hand to their own dispatch)."""
-        if not params or not PLAIN_TYPES.issuperset(map(type, params)):
-            return False
+        if not params or not PLAIN_TYPES.issuperset(map(type, params)) or params[0].is_complex():
+            return False  # (one dtype per ready group: a complex first param means complex params, viewed as real)
         grads = [p.grad for p in params]
         if not PLAIN_TYPES.issuperset(map(type, grads)) or not torch.ops.fusedopt.grads_ready.default(params, grads):
             return False
@@ -341,6 +349,10 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
                 grads[k] = g.contiguous()
             elif g.stride() != p.stride():
                 grads[k] = torch.empty_like(p).copy_(g)  # dense but permuted: give the grad the param's strides
+            if params[k].is_complex():  # real and imaginary parts as two elements (torch.optim's complex rule)
+                params[k] = torch.view_as_real(params[k])
+                grads[k] = torch.view_as_real(grads[k])
+                states[k] = RealViewState(states[k])
 
     def _follow_params(self, batch: Batch) -> None:
         """Move what this optimizer created for the batch's params to where the params are now (they moved after

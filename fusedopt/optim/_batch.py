@@ -61,6 +61,27 @@ class LocalState(dict):
         self._state[key] = value
 
 
+def real_view(value):
+    return torch.view_as_real(value) if isinstance(value, torch.Tensor) and value.is_complex() else value
+
+
+class RealViewState(dict):
+    """The kernels' view of a complex param's state: each complex value as torch.view_as_real, torch.optim's
+    complex rule (AdamW / Adam view param, grad and states as real; SGD's complex arithmetic by real scalars is
+    the same per component). A value the rule sets (SGD's first momentum buffer) is stored complex in the real
+    state, as torch.optim keeps it."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: dict):
+        super().__init__((k, real_view(v)) for k, v in state.items())
+        self._state = state
+
+    def __setitem__(self, key, value):
+        self._state[key] = value
+        super().__setitem__(key, real_view(value))
+
+
 @dataclass
 class Batch:
     """The tensors of one op call: one param group, one device, one dtype (and for SGD one first-step flag)."""

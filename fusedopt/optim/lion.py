@@ -23,6 +23,7 @@ class FusedLion(FusedOptimizer):
     """
 
     _pickled_attributes = FusedOptimizer._pickled_attributes + ("decoupled_weight_decay", "initial_lr")
+    supports_complex = False  # sign() of a complex number is not a per-component rule (lion-pytorch has none)
 
     rule = "lion"
     torch_name = "Lion"
