@@ -203,16 +203,17 @@ def zero_phase_smooth(values: List[float], beta: float) -> List[float]:
     return [(a + b) / 2 for a, b in zip(fwd, bwd)]
 
 
-def divergence_start(losses: List[float], factor: float) -> int:
-    """The first index from which every loss exceeds ``factor`` times the smallest loss before it (the run has
-    diverged for good), or len(losses). A spike that comes back below does not count."""
+def divergence_start(losses: List[float], factor: float, beta: float) -> int:
+    """The first index from which every loss exceeds ``factor`` times the smallest causal average (the
+    bias-corrected EMA, as the in-run check) before it: the run has diverged for good; else len(losses). A spike
+    that comes back below does not count, and one lucky batch barely moves the average it is compared with."""
     best, start = math.inf, len(losses)
-    for i, v in enumerate(losses):
+    for i, (v, avg) in enumerate(zip(losses, _ema(losses, beta))):
         if v > factor * best:
             start = min(start, i)
         else:
             start = len(losses)
-        best = min(best, v)
+        best = min(best, avg)
     return start
 
 
@@ -330,10 +331,10 @@ def find_lr(model: torch.nn.Module, loss_fn: Callable, batches: Iterable, optimi
     finite = [v if math.isfinite(v) else math.nan for v in losses]
     curve = [v for v in finite if not math.isnan(v)]
     usable = len(curve)
-    # The backward average must not see the divergence: its memory (~1/(1-beta) steps) can be as long as a short
-    # run, and the spike then lifts the start of the curve (a 30-step run suggested its first lr). The losses
-    # after the run has diverged for good keep the causal average (plotted, never suggested).
-    n = divergence_start(curve, diverge_factor)
+    # The backward average must not see the divergence that stopped the run: its memory (~1/(1-beta) steps) can
+    # be as long as a short run, and the spike then lifts the start of the curve (a 30-step run suggested its
+    # first lr). The losses after the run diverged for good keep the causal average (plotted, never suggested).
+    n = usable if stop_reason == "num_steps" else divergence_start(curve, diverge_factor, beta)
     smoothed = zero_phase_smooth(curve[:n], beta) + _ema(curve, beta)[n:] + [math.nan] * (len(losses) - usable)
     s0 = max(1, n // 10) if skip_start is None else skip_start
     s1 = max(1, n // 20) if skip_end is None else skip_end

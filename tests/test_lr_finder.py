@@ -180,8 +180,10 @@ def test_short_run_that_diverges_suggests_its_descent():
 def test_divergence_start_ignores_a_spike_that_comes_back():
     from fusedopt.lr_finder import divergence_start
 
-    assert divergence_start([3.0, 2.0, 9.0, 2.5, 1.0, 3.5, 40.0, 90.0], 4.0) == 6
-    assert divergence_start([3.0, 2.0, 1.0], 4.0) == 3
+    assert divergence_start([3.0, 2.0, 9.0, 2.5, 1.0, 3.5, 40.0, 90.0], 4.0, 0.0) == 6  # beta 0: the raw losses
+    assert divergence_start([3.0, 2.0, 1.0], 4.0, 0.98) == 3
+    # one lucky batch (0.2 among losses near 2) does not make every later loss look diverged
+    assert divergence_start([2.0, 2.1, 0.2, 2.0, 1.9, 2.2, 30.0, 80.0], 4.0, 0.9) == 6
 
 
 def test_zero_phase_smoothing_has_no_lag():

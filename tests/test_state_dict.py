@@ -582,3 +582,25 @@ def test_copied_optimizer_continues_the_run(case, how):
     for p, q in zip(params, c_params):
         for key, value in opt.state[p].items():
             assert torch.equal(value, c_opt.state[q][key]), key
+
+
+def test_master_copy_follows_the_params_memory_format():
+    """bfloat16 params with master_weights: model.to(memory_format=channels_last) after some steps, the conv
+    weight behind a 2-d param that keeps its layout; the float32 master copy is laid out like the param (the
+    kernels walk them in one memory order): the run goes on bit for bit like a twin that never changed."""
+    g = torch.Generator().manual_seed(0)
+    lead, conv = torch.randn(64, 80, generator=g).bfloat16(), torch.randn(32, 16, 3, 3, generator=g).bfloat16()
+    params, twin = [lead.clone(), conv.clone()], [lead.clone(), conv.clone()]
+    opt, opt_twin = (FusedAdamW(ps, lr=1e-2, master_weights=True) for ps in (params, twin))
+    for k in range(4):
+        if k == 2:
+            params[1].data = params[1].data.to(memory_format=torch.channels_last)
+        grads = [torch.randn(p.shape, generator=g).bfloat16() for p in params]
+        for p, q, grad in zip(params, twin, grads):
+            p.grad, q.grad = grad.clone().to(memory_format=torch.preserve_format), grad.clone()
+        opt.step()
+        opt_twin.step()
+    assert opt.state[params[1]]["master_param"].stride() == params[1].stride()
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"], opt_twin.state[q]["master_param"])

@@ -129,6 +129,12 @@ def test_complex_params_follow_torch_optim(rule, dtype):
     resumed.load_state_dict(opt.state_dict())
     for key, value in opt.state[ours[0]].items():
         torch.testing.assert_close(resumed.state[ref[0]][key], value, **tol)
+    back = ours_cls([q.detach().clone().requires_grad_() for q in ref], **kw)
+    back.load_state_dict(opt_ref.state_dict())  # and torch.optim's checkpoint into fusedopt
+    for key, value in opt_ref.state[ref[0]].items():
+        assert torch.equal(back.state[back.param_groups[0]["params"][0]][key], value.to(
+            torch.int64) if key == "step" else value), key
+    assert all(v.dtype == dtype for k, v in opt.state_dict(dequantize=True)["state"][0].items() if k != "step")
     with pytest.raises(ValueError, match="is complex"):
         FusedLion([torch.zeros(2, dtype=dtype)])
     with pytest.raises(ValueError, match="complex params keep states of their dtype"):
@@ -469,3 +475,20 @@ def test_lion_tensor_lr_matches_lion_pytorch(decoupled):
             lr_ref.mul_(0.5)
         _step_both([(ours, list(m_ours.parameters())), (ref, list(m_ref.parameters()))], t)
     _assert_same_params(m_ours.parameters(), m_ref.parameters(), "lion tensor lr")
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, float("inf")])
+def test_complex_grads_are_clipped_by_their_moduli(norm_type):
+    """max_grad_norm with complex params: clip_grad_norm_ norms a complex grad by its elements' moduli (the
+    kernels see real views, whose 1- and inf-norms differ). Tolerance: float32 rounding of the sums."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(40, 30, generator=g, dtype=torch.complex64).requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    q.grad = p.grad.clone()
+    opt = FusedSGD([p], lr=0.1, max_grad_norm=0.5, norm_type=norm_type)
+    opt.step()
+    total = torch.nn.utils.clip_grad_norm_([q], 0.5, norm_type=norm_type)
+    torch.optim.SGD([q], lr=0.1, foreach=False).step()
+    torch.testing.assert_close(opt.last_grad_norm, total, rtol=1e-6, atol=0)
+    torch.testing.assert_close(p, q, **TOL)

@@ -509,12 +509,15 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
         """Lay out every state of the batch whose strides differ from its param's like the param (the load
         path's normalization, per tensor); False when none differs."""
         changed = False
-        for p, state in zip(batch.originals or batch.params, batch.states):
+        for k, (p, state) in enumerate(zip(batch.originals or batch.params, batch.states)):
             if isinstance(state, LocalState):  # a DTensor's shard view (not re-laid out: the op's error stands)
                 continue
-            if state and any(isinstance(value, torch.Tensor) and key != "step" and layout_differs(value, p)
-                             for key, value in state.items()):
-                self._normalize_state(p, state)
+            real = state._state if isinstance(state, RealViewState) else state  # a complex param's own state
+            if real and any(isinstance(value, torch.Tensor) and key != "step" and layout_differs(value, p)
+                            for key, value in real.items()):
+                self._normalize_state(p, real)
+                if real is not state:
+                    batch.states[k] = RealViewState(real)
                 changed = True
         return changed
 

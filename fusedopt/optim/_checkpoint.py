@@ -23,7 +23,8 @@ from typing import Dict
 
 import torch
 
-from fusedopt.optim._small_state import QUANTIZABLE_KEYS, absmax_key, is_absmax_key
+from fusedopt.optim._small_state import (QUANTIZABLE_KEYS, _like, _local, _strided_like, absmax_key, is_absmax_key,
+                                         layout_differs)
 from fusedopt.optim._validation import TORCH_FLAGS
 
 
@@ -129,8 +130,9 @@ class CheckpointInterop:
             elif key == "master_param":
                 if not self._uses_master(p):
                     del state[key]
-                elif value.dtype != torch.float32 or value.device != p.device:
-                    state[key] = value.detach().to(device=p.device, dtype=torch.float32)
+                elif value.dtype != torch.float32 or value.device != p.device or layout_differs(value, p):
+                    # laid out like p (the kernels walk param, grad and master copy in one memory order)
+                    state[key] = _like(p, _strided_like(_local(value.detach()), _local(p)))
         self._convert_loaded(p, state)
         if self._uses_master(p) and state and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True)

@@ -74,7 +74,12 @@ def clip_coefficients(batches: Sequence[Batch], max_norm: float, norm_type: floa
     GradScaler's ``grad_scale`` the norm is that of the unscaled grads, as after GradScaler.unscale_."""
     grads_by_device: Dict[torch.device, List[torch.Tensor]] = {}
     for b in batches:
-        grads_by_device.setdefault(b.device, []).extend(b.grads)
+        grads = b.grads
+        if norm_type != 2.0 and b.originals and b.originals[0].is_complex():
+            # clip_grad_norm_ norms a complex grad by its elements' moduli; the batch holds real views, whose
+            # 2-norm is the same but whose 1- / inf-norms are not
+            grads = [torch.view_as_complex(g).abs() for g in grads]
+        grads_by_device.setdefault(b.device, []).extend(grads)
     if not grads_by_device:
         return {}, torch.zeros(())
     first = next(iter(grads_by_device))

@@ -372,7 +372,7 @@ class SmallState:
                                  f"{have} blocks ({absmax.dtype}, shape {tuple(absmax.shape)}) but the param's "
                                  f"{local_p.numel()} elements make {needed} blocks of {Q.BLOCK_SIZE} (float32)"
                                  f"{sharded}")
-        elif not value.is_floating_point():
+        elif not value.is_floating_point() and not (value.is_complex() and p.is_complex()):
             raise ValueError(f"state_dict does not fit the params: state '{key}' of param {index} has dtype "
                              f"{value.dtype} (expected a floating dtype, or uint8 codes with '{absmax_key(key)}')")
 
@@ -430,8 +430,8 @@ class SmallState:
                     continue
                 if value.dtype == torch.uint8:
                     pstate[key] = _decode_dtensor(value, pstate.pop(absmax_key(key)), signed_key(key))
-                elif value.dtype != torch.float32 and value.dtype != torch.float64:
-                    pstate[key] = value.to(torch.float32)
+                elif value.dtype != torch.float32 and value.dtype != torch.float64 and not value.is_complex():
+                    pstate[key] = value.to(torch.float32)  # (complex states: as torch.optim keeps them)
             out[index] = pstate
         return {**sd, "state": out}
 
