@@ -431,6 +431,7 @@ class FusedOptimizer(ScheduleBookkeeping, CheckpointInterop, SmallState, Optimiz
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = self._amp_tensors()
+        self._step_param_index = None  # _rounding_streams' map of this step (param_groups may change between steps)
         for group in self.param_groups:
             self._check_group(group, strict=False)
         # With a table, every lr set to 0 before the first step asks for a step that only creates the state

@@ -232,11 +232,15 @@ class SmallState:
         return False
 
     def _rounding_streams(self, batch: Batch) -> List[Tuple[int, int]]:
-        """(param index in the optimizer, element offset of the local shard in the full tensor) per batch param."""
-        index = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
+        """(param index in the optimizer, element offset of the local shard in the full tensor) per batch param.
+        The index map is built once per step (step() clears it), not once per batch."""
+        index = self.__dict__.get("_step_param_index")
+        if index is None:
+            index = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    index.setdefault(id(p), len(index))
+            self._step_param_index = index
         out = []
         for original in batch.originals or batch.params:
             offset = 0
@@ -255,10 +259,9 @@ class SmallState:
         """The op's small-state arguments for a batch whose kernels read the formats themselves: per state list (the
         op's order) and param, the absmax of 8-bit codes (an empty tensor for other states); with stochastic
         rounding the seed, (param index, element offset of the shard) per param and the group's counter."""
-        cache = self.__dict__.setdefault("_no_absmax", {})  # (an optimizer unpickled from an older release)
-        empty = cache.get(batch.device)  # one per device, not one allocation per call
+        empty = self._no_absmax.get(batch.device)  # one per device, not one allocation per call
         if empty is None:
-            empty = cache[batch.device] = torch.empty(0, dtype=torch.float32, device=batch.device)
+            empty = self._no_absmax[batch.device] = torch.empty(0, dtype=torch.float32, device=batch.device)
         absmaxes = []
         for key in self.state_keys:
             if key == "step":

@@ -76,7 +76,9 @@ class FusedAdam(FusedAdamW):
                 if isinstance(g, dict):
                     g.setdefault("decoupled_weight_decay", False)
             state_dict = dict(state_dict, param_groups=groups)
-        super().load_state_dict(state_dict)
+        # FusedOptimizer's load, as FusedAdam is built by FusedOptimizer.__init__: not FusedAdamW's, which forces
+        # decoupled decay
+        FusedOptimizer.load_state_dict(self, state_dict)
 
 
 def _check_flag(value) -> None:

@@ -40,8 +40,8 @@ class FusedAdamW(FusedOptimizer):
             "8bit": blockwise 8-bit states (Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
             arXiv:2110.02861): ``exp_avg`` in the signed and ``exp_avg_sq`` / ``max_exp_avg_sq`` in the unsigned
             dynamic map, uint8 codes plus a float32 ``<key>_absmax`` per 256 elements (2 bytes per param and
-            2 * 4/256 = 1/32 for the two absmax); tensors under 4,096 elements keep float32 states. "bf16" and "8bit" need
-            float32, bfloat16 or float16 params. See :mod:`fusedopt.quantization` for the exact format.
+            2 * 4/256 = 1/32 for the two absmax); tensors under 4,096 elements keep float32 states. "bf16" and
+            "8bit" need float32, bfloat16 or float16 params. See :mod:`fusedopt.quantization` for the exact format.
         stochastic_rounding: round bfloat16 params without a master copy, and bfloat16 states, stochastically
             (unbiased; random bits from a counter-based hash of the optimizer's seed, the step, the tensor and
             the element, so a run is reproducible and every backend rounds alike; the seed is drawn from torch's
@@ -132,8 +132,7 @@ class FusedAdamW(FusedOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        if type(self)._decoupled_weight_decay is FusedAdamW._decoupled_weight_decay:
-            # As torch.optim.AdamW.__setstate__: an Adam checkpoint (decoupled_weight_decay False, L2 decay) loaded
-            # into AdamW still decays decoupled, and its groups say so.
-            for group in self.param_groups:
-                group["decoupled_weight_decay"] = True
+        # As torch.optim.AdamW.__setstate__: an Adam checkpoint (decoupled_weight_decay False, L2 decay) loaded
+        # into AdamW still decays decoupled, and its groups say so. (FusedAdam loads past this method.)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
